@@ -23,6 +23,8 @@ class ModuleInput:
     spec: ModuleSpec  # name, kind, group, layer, block
     base: torch.Tensor  # W_pre, compute dtype, on the compute device
     deltas: torch.Tensor  # [T, *shape]: U_t = W_t - W_pre, compute dtype, on the compute device
+    # [T, d_in, d_in] per-task input Grams X_t X_t^T / n_t (data-assisted statistics), when collected
+    grams: torch.Tensor | None = None
 
 
 class MergeMethod:
