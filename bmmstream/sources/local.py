@@ -1,0 +1,216 @@
+"""A Hugging Face model folder on local disk, read tensor by tensor through memory maps.
+
+Headers are parsed once (8-byte length + JSON) so names, shapes and dtypes are known without
+touching any weight bytes; shards are opened with `safetensors.safe_open` only when a tensor of
+theirs is first asked for, and the handle is kept, so reading one layer never reads another.
+Pickle checkpoints are refused: loading them can execute arbitrary code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from bmmstream.errors import BmmError
+from bmmstream.sources.base import AUX_FILES, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# A header larger than this is certainly corrupt (the safetensors library uses the same limit).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header; raise BmmError naming the file if it is not valid."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BmmError(f"{path}: corrupt safetensors header (file is only {size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise BmmError(
+                    f"{path}: corrupt safetensors header (declared header length {n} "
+                    f"does not fit in a {size}-byte file)"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise BmmError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BmmError(f"{path}: corrupt safetensors header ({e})") from e
+
+    data_len = size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = str(entry["dtype"])
+            shape = tuple(int(s) for s in entry["shape"])
+            start, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BmmError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from e
+        if not (0 <= start <= end <= data_len):
+            raise BmmError(
+                f"{path}: corrupt safetensors header: tensor '{name}' data_offsets "
+                f"[{start}, {end}] lie outside the {data_len}-byte data section"
+            )
+        info = TensorInfo(shape, dtype)
+        try:
+            expected = info.nbytes
+        except KeyError:
+            expected = None  # a dtype torch-side code does not know (e.g. F8); size unchecked
+        if expected is not None and end - start != expected:
+            raise BmmError(
+                f"{path}: corrupt safetensors header: tensor '{name}' {dtype}{list(shape)} "
+                f"needs {expected} bytes, data_offsets span {end - start}"
+            )
+        infos[name] = info
+    return infos
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding a model folder's weights, or a BmmError saying why none."""
+    if not folder.exists():
+        raise BmmError(f"{folder}: no such file or folder")
+    if folder.is_file():
+        if folder.suffix == ".safetensors":
+            return [folder]
+        raise BmmError(f"{folder}: not a model folder or a .safetensors file")
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shard_names = list(dict.fromkeys(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BmmError(f"{index}: not a valid safetensors index ({e})") from e
+        shards = [folder / s for s in shard_names]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise BmmError(
+                f"{index}: names shard(s) that are missing from the folder: {', '.join(missing)}"
+            )
+        return shards
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME]
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (f", ... ({len(pickles)} files)" if len(pickles) > 3 else "")
+        raise BmmError(
+            f"{folder}: only pickle weights ({shown}); bmmstream reads safetensors only and never "
+            f"unpickles (convert with: model.save_pretrained(out, safe_serialization=True) "
+            f"in an environment you trust)"
+        )
+    if (folder / "adapter_config.json").is_file():
+        raise BmmError(
+            f"{folder}: a PEFT adapter without full weights; merge the adapter into its base "
+            f"model first (peft: model.merge_and_unload().save_pretrained(out))"
+        )
+    raise BmmError(f"{folder}: no weights found (no *.safetensors file)")
+
+
+class LocalSource:
+    """TensorSource over a local model folder (single file, indexed shards, or loose shards)."""
+
+    def __init__(self, path: str | os.PathLike, id: str | None = None):
+        self.path = Path(path).expanduser()
+        self.id = id if id is not None else str(path)
+        self.revision: str | None = None
+        self.folder = self.path.parent if self.path.is_file() else self.path
+        files = find_weight_files(self.path)
+        self._infos: dict[str, TensorInfo] = {}
+        self._where: dict[str, Path] = {}
+        for f in files:
+            for name, info in read_header(f).items():
+                if name in self._where:
+                    raise BmmError(
+                        f"{self.folder}: tensor '{name}' appears in both "
+                        f"{self._where[name].name} and {f.name}"
+                    )
+                self._infos[name] = info
+                self._where[name] = f
+        self._check_index(files)
+        self._handles: dict[Path, object] = {}
+        self._config: dict | None = None
+
+    def _check_index(self, files: list[Path]) -> None:
+        index = self.folder / INDEX_NAME
+        if self.path.is_file() or not index.is_file():
+            return
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for name, shard in weight_map.items():
+            where = self._where.get(name)
+            if where is None or where.name != shard:
+                raise BmmError(f"{index}: maps tensor '{name}' to {shard}, whose header lacks it")
+
+    # -- TensorSource ---------------------------------------------------------------------
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def config(self) -> dict:
+        if self._config is None:
+            p = self.folder / "config.json"
+            if not p.is_file():
+                self._config = {}
+            else:
+                try:
+                    cfg = json.loads(p.read_text())
+                except ValueError as e:
+                    raise BmmError(f"{p}: not valid JSON ({e})") from e
+                if not isinstance(cfg, dict):
+                    raise BmmError(f"{p}: not a JSON object")
+                self._config = cfg
+        return dict(self._config)
+
+    def get(self, name: str) -> torch.Tensor:
+        where = self._where.get(name)
+        if where is None:
+            raise BmmError(f"{self.id}: no tensor '{name}'")
+        handle = self._handles.get(where)
+        if handle is None:
+            try:
+                handle = safe_open(str(where), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise BmmError(f"{where}: cannot open as safetensors ({e})") from e
+            self._handles[where] = handle
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise BmmError(f"{where}: cannot read tensor '{name}' ({e})") from e
+
+    def prefetch(self, names: list[str]) -> None:
+        """Nothing to do: the OS pages memory-mapped bytes in on demand."""
+
+    def release(self, names: list[str]) -> None:
+        """Nothing to do: clean mmap pages are dropped by the OS under pressure."""
+
+    def aux_files(self) -> list[str]:
+        return [f for f in AUX_FILES if (self.folder / f).is_file()]
+
+    def aux_path(self, filename: str) -> Path:
+        p = self.folder / filename
+        if not p.is_file():
+            raise BmmError(f"{self.folder}: no file {filename}")
+        return p
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def shard_of(self, name: str) -> Path:
+        """The file holding `name` (for diagnostics and tests)."""
+        return self._where[name]
+
+    def __repr__(self) -> str:
+        return f"LocalSource({self.id!r}, {len(self._infos)} tensors)"
