@@ -1,0 +1,49 @@
+"""The Python API; the CLI is a thin shell over these functions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bmmstream.config import MergeConfig
+
+
+def merge(
+    config: dict | str | Path | MergeConfig,
+    out: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Merge as the config says; resumes if `run_dir` holds an unfinished run of the same config.
+    Returns the merged model folder."""
+    from bmmstream.pipeline import execute, prepare
+
+    job = prepare(config, out=out, run_dir=run_dir, device=device)
+    try:
+        return execute(job, progress=progress)
+    finally:
+        job.sources.close()
+
+
+def resume(run_dir: str | Path, device: str = "auto", progress: bool = True) -> Path:
+    """Continue a killed run from its run directory; bit-identical to an uninterrupted run."""
+    from bmmstream.errors import BmmError
+    from bmmstream.rundir import RunDir
+
+    run = RunDir(Path(run_dir))
+    if not run.exists():
+        raise BmmError(f"{run_dir}: not a bmmstream run directory (no run.json)")
+    rec = run.load()
+    return merge(rec["config"], out=rec["output"], run_dir=run_dir, device=device, progress=progress)
+
+
+def status(run_dir: str | Path) -> dict:
+    from bmmstream.pipeline import status as _status
+
+    return _status(run_dir)
+
+
+def plan(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
+    """Modules, groups, blocks and estimates of RAM, disk, FLOPs and time, before heavy work."""
+    from bmmstream.estimate import plan_report
+
+    return plan_report(config, device=device)

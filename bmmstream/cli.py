@@ -1,0 +1,152 @@
+"""`bmm`: the command line. Each command is a thin shell over bmmstream.api.
+
+typer is used for the CLI because it derives options and help from type hints (no hand-written
+argument parsing) and comes with click's tested error handling.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bmmstream.errors import BmmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Out-of-core Bayesian Model Merging.")
+
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto")
+
+
+def _fail(e: BaseException) -> None:
+    msg = str(e).replace("\n", " ")
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def merge(
+    config: Path = typer.Argument(..., help="merge config (YAML)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="merged model folder (default: RUN_DIR/model)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory (default: bmm-runs/<config>-<hash>)"),
+    device: str = DeviceOpt,
+    max_disk: Optional[str] = typer.Option(None, "--max-disk", help="Hub streaming: bytes held on disk at once (e.g. 2GB)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Merge the models a config names; resumes if the run directory holds the same unfinished run."""
+    from bmmstream.api import merge as _merge
+    from bmmstream.config import load_config
+
+    try:
+        cfg = load_config(config)
+        if max_disk is not None:
+            cfg = cfg.model_copy(update={"max_disk": _size(max_disk)})
+        if run_dir is None:
+            from bmmstream.pipeline import default_run_dir
+
+            run_dir = default_run_dir(cfg, str(config))
+        path = _merge(cfg, out=out, run_dir=run_dir, device=device, progress=progress)
+    except BmmError as e:
+        _fail(e)
+    typer.echo(f"run directory: {run_dir}")
+    typer.echo(f"merged model: {path}")
+
+
+def _size(s: str) -> int:
+    from bmmstream.config import parse_size
+
+    try:
+        return parse_size(s)
+    except ValueError as e:
+        raise BmmError(f"--max-disk: {e}") from None
+
+
+@app.command()
+def resume(run_dir: Path = typer.Argument(...), device: str = DeviceOpt, progress: bool = typer.Option(True, "--progress/--no-progress")):
+    """Continue a killed run; the output is bit-identical to an uninterrupted run."""
+    from bmmstream.api import resume as _resume
+
+    try:
+        path = _resume(run_dir, device=device, progress=progress)
+    except BmmError as e:
+        _fail(e)
+    typer.echo(f"merged model: {path}")
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(...)):
+    """Show whether a run is complete and how far it got."""
+    from bmmstream.api import status as _status
+
+    try:
+        st = _status(run_dir)
+    except BmmError as e:
+        _fail(e)
+    for k, v in st.items():
+        typer.echo(f"{k}: {v}")
+
+
+@app.command()
+def plan(config: Path = typer.Argument(...), device: str = DeviceOpt, as_json: bool = typer.Option(False, "--json")):
+    """Modules, groups, blocks and estimates of RAM, disk, FLOPs and time; reads headers only."""
+    from bmmstream.api import plan as _plan
+
+    try:
+        rep = _plan(config, device=device)
+    except BmmError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    est = rep["estimate"]
+    typer.echo(f"family: {rep['family']}  layers: {rep['layers']}  experts: {rep['experts']}  method: {rep['method']['method']}")
+    typer.echo(f"blocks (first..last layer): {rep['blocks']}")
+    typer.echo(f"tensors by kind: {rep['counts']['kinds']}")
+    typer.echo(f"regressed modules by group: {rep['counts']['groups']}")
+    typer.echo(f"peak RAM (one unit resident): ~{_human(est['peak_ram_bytes'])}")
+    typer.echo(f"output on disk: {_human(est['output_bytes'])}; statistics on disk at once: {_human(est['stats_disk_bytes'])}")
+    typer.echo(f"bytes read: {_human(est['read_bytes'])}; compute: {est['flops']:.3g} FLOP")
+    typer.echo(
+        f"time: ~{est['seconds']:.1f} s on {est['device']} "
+        f"(measured {est['measured_flops_per_s'] / 1e9:.1f} GFLOP/s, assumed reads {est['assumed_read_bytes_per_s'] / 1e9:.1f} GB/s)"
+    )
+
+
+@app.command()
+def methods():
+    """List the registered merge methods."""
+    from bmmstream.methods.registry import method_class, method_names
+
+    for name in method_names():
+        cls = method_class(name)
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:18s} {doc[0] if doc else ''}  defaults={cls.defaults}")
+
+
+@app.command()
+def demo(
+    directory: Path = typer.Option(Path("bmm-demo"), "--dir", help="where the demo experts and run go"),
+    device: str = DeviceOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Build a tiny Llama base and three experts, merge them with BMM, print where the result is."""
+    from bmmstream.demo import run_demo
+
+    try:
+        path = run_demo(directory, device=device, progress=progress)
+    except BmmError as e:
+        _fail(e)
+    typer.echo(f"merged model: {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,122 @@
+"""The merge configuration: a YAML file close to mergekit's conventions, validated by pydantic.
+
+pydantic is used because it gives precise, field-named errors for free; every error is turned
+into one BmmError line naming the config file and the field.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bmmstream.errors import BmmError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+COMPUTE_DTYPES = ("float32", "float64")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
+
+
+def parse_size(value: int | str | None) -> int | None:
+    """'5GB' / '500MiB' / 1234 -> bytes (KB=1000, KiB=1024)."""
+    if value is None or isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (examples: 5GB, 500MiB, 1000000)")
+    num, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    if unit == "B":
+        return int(num)
+    base = 1024 if "I" in unit else 1000
+    return int(num * base ** ("KMGT".index(unit[0]) + 1))
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+
+
+class MergeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base_model: str
+    models: list[ModelEntry]
+    merge_method: str = "bmm"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str = "float32"  # compute and statistics dtype
+    out_dtype: str | None = None  # default: the base model's dtype
+    shard_size: int | str = "5GB"
+    seed: int = 0
+    max_disk: int | str | None = None  # Hub streaming: downloaded bytes held on disk at once
+    search: dict[str, Any] | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, v):
+        if not v:
+            raise ValueError("at least one model is needed")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _compute_dtype(cls, v):
+        if v not in COMPUTE_DTYPES:
+            raise ValueError(f"compute dtype must be one of {list(COMPUTE_DTYPES)}, got {v!r}")
+        return v
+
+    @field_validator("out_dtype")
+    @classmethod
+    def _out_dtype(cls, v):
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"out_dtype must be one of {list(DTYPES)}, got {v!r}")
+        return v
+
+    @field_validator("shard_size", "max_disk")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def load_config(cfg: dict | str | Path | MergeConfig, origin: str | None = None) -> MergeConfig:
+    """Accept a MergeConfig, a dict, or a YAML path; every problem becomes one BmmError line."""
+    if isinstance(cfg, MergeConfig):
+        return cfg
+    if isinstance(cfg, (str, Path)):
+        path = Path(cfg)
+        if not path.is_file():
+            raise BmmError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise BmmError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        origin = str(path)
+    else:
+        data = cfg
+    origin = origin or "config"
+    if not isinstance(data, dict):
+        raise BmmError(f"{origin}: expected a mapping at the top level")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}")
+        raise BmmError(f"{origin}: " + "; ".join(parts)) from None

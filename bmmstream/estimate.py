@@ -1,0 +1,112 @@
+"""`bmm plan`: what a merge will do and cost, from the headers alone, before any heavy work.
+
+Time is estimated from a measured matmul throughput on the chosen device and an assumed read
+bandwidth (local disk 1 GB/s; say so in the report, as it varies most).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from bmmstream.config import MergeConfig, load_config
+from bmmstream.plan import split_blocks
+
+READ_BANDWIDTH = 1e9  # bytes/s assumed for local safetensors reads
+
+
+def measure_flops(device: torch.device, n: int = 1024) -> float:
+    """Sustained float32 matmul FLOP/s on `device` (a short, rough measurement)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    (a @ b).sum().item()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        (a @ b).sum().item()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def module_flops(d_out: int, d_in: int, T: int, method: str, statistics: str = "data_free") -> float:
+    if method != "bmm":
+        return 0.0
+    grams = 2.0 * T * d_out * d_in * d_in if statistics != "data_assisted" else 0.0
+    c = 2.0 * T * d_out * d_in * d_in
+    chol = d_in**3 / 3.0
+    solve = 2.0 * d_in * d_in * d_out
+    return grams + c + chol + solve
+
+
+def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
+    from bmmstream.methods.registry import get_method
+    from bmmstream.pipeline import open_sources, out_dtype_for, resolve_device
+    from bmmstream.plan import build_plan
+    from bmmstream.sources.base import ST_TO_TORCH
+    from bmmstream.validate import validate_sources
+
+    cfg = load_config(config)
+    dev = resolve_device(device)
+    sources = open_sources(cfg, cache_dir=None)
+    try:
+        validate_sources(sources.base, sources.experts)
+        infos = sources.base.tensor_infos()
+        blocks = int(cfg.parameters.get("blocks", 1))
+        plan = build_plan(sources.base.config(), infos, blocks=blocks)
+        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed)
+    finally:
+        sources.close()
+    T = len(cfg.models)
+    cb = torch.empty((), dtype=cfg.compute_dtype).element_size()
+    statistics = cfg.parameters.get("statistics", "data_free")
+    by_name = plan.by_name()
+    peak_ram = stats_peak = stats_total = flops = 0.0
+    for names in plan.units:
+        params = sum(infos[n].numel for n in names)
+        stats = sum(
+            (by_name[n].shape[1] ** 2 + by_name[n].shape[0] * by_name[n].shape[1]) * cb
+            for n in names
+            if by_name[n].kind == "linear"
+        ) if method.name == "bmm" else 0
+        peak_ram = max(peak_ram, (T + 3) * params * cb + stats)
+        stats_peak = max(stats_peak, stats)
+        stats_total += stats
+        flops += sum(
+            module_flops(*by_name[n].shape, T, method.name, statistics) for n in names if by_name[n].kind == "linear"
+        )
+    in_bytes = sum(i.nbytes for i in infos.values())
+    out_bytes = sum(
+        infos[n].numel * torch.empty((), dtype=ST_TO_TORCH[out_dtype_for(n, infos[n].dtype, cfg)]).element_size()
+        for n in infos
+    )
+    passes = 2 if method.needs_prepass else 1
+    read_bytes = (T + 1) * in_bytes * passes
+    fps = measure_flops(dev)
+    keep = bool(cfg.parameters.get("keep_statistics", False)) or cfg.search is not None
+    return {
+        "family": plan.family,
+        "layers": plan.num_layers,
+        "blocks": [[r.start, r.stop - 1] for r in split_blocks(plan.num_layers, plan.num_blocks)] if plan.num_layers else [],
+        "experts": T,
+        "method": method.describe(),
+        "counts": {
+            "kinds": dict(Counter(m.kind for m in plan.modules)),
+            "groups": dict(Counter(m.group for m in plan.modules if m.kind == "linear")),
+        },
+        "modules": [
+            {"name": m.name, "shape": list(m.shape), "kind": m.kind, "group": m.group, "layer": m.layer, "block": m.block}
+            for m in plan.modules
+        ],
+        "estimate": {
+            "device": str(dev),
+            "peak_ram_bytes": int(peak_ram),
+            "output_bytes": int(out_bytes),
+            "stats_disk_bytes": int(stats_total if keep else stats_peak),
+            "read_bytes": int(read_bytes),
+            "flops": float(flops),
+            "measured_flops_per_s": fps,
+            "assumed_read_bytes_per_s": READ_BANDWIDTH,
+            "seconds": flops / fps + read_bytes / READ_BANDWIDTH,
+        },
+    }

@@ -1,0 +1,358 @@
+"""The streaming merge: sources -> plan -> (prepass) -> per unit: stats -> merge -> write.
+
+Work is ordered by streaming unit (embeddings, then one transformer layer at a time, then the
+rest): only the current unit's tensors of the base and the T experts are resident, so peak memory
+does not grow with depth. Every step leaves a completion record in the run directory; a run
+killed at any point and resumed writes bit-identical output because each step is deterministic
+and the writer truncates to its last committed tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bmmstream import __version__
+from bmmstream.config import DTYPES, MergeConfig, load_config
+from bmmstream.errors import BmmError
+from bmmstream.methods.registry import MergeMethod, ModuleInput, get_method
+from bmmstream.plan import Plan, build_plan
+from bmmstream.rundir import RunDir, append_jsonl, write_json_atomic
+from bmmstream.sources.base import ST_TO_TORCH, TORCH_TO_ST, TensorSource, open_source
+from bmmstream.stats_store import StatsStore
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BmmError(f"device '{device}' requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BmmError(f"device must be cpu, cuda or auto, got {device!r}")
+    return torch.device(device)
+
+
+def default_run_dir(cfg: MergeConfig, origin: str | None) -> Path:
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    stem = Path(origin).stem if origin else "merge"
+    return Path("bmm-runs") / f"{stem}-{digest}"
+
+
+@dataclass
+class Sources:
+    base: TensorSource
+    experts: list[TensorSource]
+
+    @property
+    def all(self) -> list[TensorSource]:
+        return [self.base, *self.experts]
+
+    def close(self) -> None:
+        for s in self.all:
+            s.close()
+
+
+def open_sources(cfg: MergeConfig, *, cache_dir: Path | None) -> Sources:
+    opts = {}
+    if cfg.max_disk is not None:
+        opts["max_disk"] = cfg.max_disk
+    if cache_dir is not None:
+        opts["cache_dir"] = cache_dir
+    base = open_source(cfg.base_model, **opts)
+    experts = [open_source(m.model, **opts) for m in cfg.models]
+    return Sources(base, experts)
+
+
+def pinned_config(cfg: MergeConfig, sources: Sources) -> dict:
+    """The config with every Hub source pinned to the commit hash it resolved to."""
+    d = cfg.to_dict()
+
+    def pin(spec: str, src: TensorSource) -> str:
+        if src.revision is None:
+            return spec
+        name = spec.removeprefix("hf://").split("@")[0]
+        return f"{name}@{src.revision}"
+
+    d["base_model"] = pin(cfg.base_model, sources.base)
+    for entry, src in zip(d["models"], sources.experts):
+        entry["model"] = pin(entry["model"], src)
+    return d
+
+
+def out_dtype_for(name: str, st_dtype: str, cfg: MergeConfig) -> str:
+    t = ST_TO_TORCH[st_dtype]
+    if cfg.out_dtype is None or not t.is_floating_point:
+        return st_dtype
+    return TORCH_TO_ST[DTYPES[cfg.out_dtype]]
+
+
+@dataclass
+class Job:
+    """Everything a run needs, opened and validated."""
+
+    cfg: MergeConfig
+    run: RunDir
+    out: Path
+    device: torch.device
+    sources: Sources
+    plan: Plan
+    method: MergeMethod
+    layout: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+
+    @property
+    def partial(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial")
+
+
+def prepare(
+    config: dict | str | Path | MergeConfig,
+    *,
+    out: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    device: str | None = "auto",
+) -> Job:
+    """Open, validate and plan a run (new or resumed) without heavy work."""
+    from bmmstream.validate import validate_sources
+
+    origin = str(config) if isinstance(config, (str, Path)) else None
+    cfg = load_config(config)
+    run = RunDir(Path(run_dir) if run_dir else default_run_dir(cfg, origin))
+    if run.exists():
+        rec = run.load()
+        pinned = load_config(rec["config"], origin=str(run.run_json))
+        if json.dumps(_unpinned(rec["config"]), sort_keys=True) != json.dumps(_unpinned(cfg.to_dict()), sort_keys=True):
+            raise BmmError(
+                f"{run.root}: run directory holds a different merge; use `bmm resume {run.root}` or another --run-dir"
+            )
+        cfg = pinned
+        out_path = Path(rec["output"])
+        if out is not None and Path(out).resolve() != out_path.resolve():
+            raise BmmError(f"{run.root}: this run writes to {out_path}, not {out}")
+    else:
+        out_path = Path(out) if out is not None else run.root / "model"
+        if out_path.exists():
+            raise BmmError(f"{out_path}: output folder already exists; remove it or choose another --out")
+    dev = resolve_device(device)
+    sources = open_sources(cfg, cache_dir=run.root / "hub-cache")
+    try:
+        validate_sources(sources.base, sources.experts)
+        blocks = int(cfg.parameters.get("blocks", 1))
+        plan = build_plan(sources.base.config(), sources.base.tensor_infos(), blocks=blocks)
+        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed)
+    except BaseException:
+        sources.close()
+        raise
+    infos = sources.base.tensor_infos()
+    layout = [(n, tuple(infos[n].shape), out_dtype_for(n, infos[n].dtype, cfg)) for unit in plan.units for n in unit]
+    job = Job(cfg, run, out_path.resolve(), dev, sources, plan, method, layout)
+    if not run.exists():
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            run.run_json,
+            {"config": pinned_config(cfg, sources), "output": str(job.out), "bmmstream": __version__},
+        )
+    return job
+
+
+def _unpinned(d: dict) -> dict:
+    """Config without revision pins, to compare a resumed run with the config it was started from."""
+    d = json.loads(json.dumps(d))
+
+    def strip(spec: str) -> str:
+        return spec.removeprefix("hf://").split("@")[0] if not Path(spec).exists() else spec
+
+    d["base_model"] = strip(d["base_model"])
+    for m in d["models"]:
+        m["model"] = strip(m["model"])
+    return d
+
+
+def _unit_inputs(job: Job, names: list[str]) -> tuple[list[ModuleInput], dict[str, torch.Tensor]]:
+    """Base and task vectors of one unit in the compute dtype on the device; raw tensors that are
+    not floating point (ids, masks) are passed through untouched."""
+    by_name = job.plan.by_name()
+    dtype = job.cfg.compute_dtype
+    inputs, passthrough = [], {}
+    for n in names:
+        raw = job.sources.base.get(n)
+        if not raw.is_floating_point():
+            passthrough[n] = raw
+            continue
+        base = raw.to(job.device, dtype)
+        deltas = torch.stack([e.get(n).to(job.device, dtype) - base for e in job.sources.experts])
+        inputs.append(ModuleInput(by_name[n], base, deltas))
+    return inputs, passthrough
+
+
+def _prepass(job: Job, progress: bool) -> None:
+    if not job.method.needs_prepass:
+        return
+    if job.run.prepass.exists():
+        job.method.load_prepass_state(json.loads(job.run.prepass.read_text()))
+        return
+    units = job.plan.units
+    for i, names in enumerate(tqdm(units, desc="prepass", unit="unit", disable=not progress)):
+        if i + 1 < len(units):
+            for s in job.sources.all:
+                s.prefetch(units[i + 1])
+        inputs, _ = _unit_inputs(job, names)
+        for inp in inputs:
+            job.method.prepass_observe(inp)
+        for s in job.sources.all:
+            s.release(names)
+    write_json_atomic(job.run.prepass, job.method.prepass_state())
+
+
+def _merge_unit(job: Job, names: list[str], store: StatsStore | None) -> dict[str, torch.Tensor]:
+    inputs, passthrough = _unit_inputs(job, names)
+    method = job.method
+    if store is not None:
+        stats = {}
+        for inp in inputs:
+            if inp.spec.kind != "linear":
+                continue
+            if store.has(inp.spec.name):
+                stats[inp.spec.name] = store.get(inp.spec.name, job.device)
+            else:
+                st = method.module_statistics(inp)
+                store.put(inp.spec.name, st, {"tasks": len(job.sources.experts)})
+                stats[inp.spec.name] = st
+        merged = method.merge_unit(inputs, stats)
+    else:
+        merged = method.merge_unit(inputs)
+    out = dict(passthrough)
+    for inp in inputs:
+        out[inp.spec.name] = inp.base + merged[inp.spec.name]
+    return out
+
+
+def model_card(job: Job) -> str:
+    cfg = job.cfg
+    srcs = job.sources
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, bmmstream]",
+        "---",
+        "# Merged model",
+        "",
+        f"Merged with bmmstream {__version__} using `{cfg.merge_method}`.",
+        "",
+        "## Sources",
+        "",
+        f"- base: `{cfg.base_model}`" + (f" (revision `{srcs.base.revision}`)" if srcs.base.revision else ""),
+    ]
+    for m, s in zip(cfg.models, srcs.experts):
+        lines.append(f"- expert: `{m.model}`" + (f" (revision `{s.revision}`)" if s.revision else ""))
+    lines += [
+        "",
+        "## Method and hyperparameters",
+        "",
+        "```json",
+        json.dumps(job.method.describe(), indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        f"Compute dtype `{cfg.dtype}`, output dtype `{cfg.out_dtype or 'as base'}`, seed {cfg.seed}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def execute(job: Job, *, progress: bool = True) -> Path:
+    """Run (or continue) a prepared job to completion; returns the output folder."""
+    from bmmstream.writer import ShardWriter, copy_aux, write_config, write_text_atomic
+
+    run = job.run
+    if run.complete():
+        return job.out
+    if job.out.exists() and not job.partial.exists():
+        # killed after the folder rename and before the manifest: the output is whole
+        _write_manifest(job)
+        return job.out
+    torch.manual_seed(job.cfg.seed)
+    _prepass(job, progress)
+    job.partial.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(
+        job.partial,
+        job.layout,
+        max_shard_bytes=job.cfg.shard_size,
+        journal=run.journal,
+        metadata={"format": "pt", "merged_by": "bmmstream"},
+    )
+    store = StatsStore(run.stats) if getattr(job.method, "uses_statistics", False) else None
+    keep = bool(job.cfg.parameters.get("keep_statistics", False))
+    units = job.plan.units
+    bar = tqdm(total=len(job.layout), desc=f"merge ({job.cfg.merge_method})", unit="tensor", disable=not progress)
+    try:
+        for i, names in enumerate(units):
+            todo = [n for n in names if not writer.done(n)]
+            bar.update(len(names) - len(todo))
+            if not todo:
+                continue
+            if i + 1 < len(units):
+                for s in job.sources.all:
+                    s.prefetch(units[i + 1])
+            merged = _merge_unit(job, names, store)
+            out_dt = {n: dt for n, _, dt in job.layout}
+            for n in names:
+                if not writer.done(n):
+                    writer.write(n, merged[n].to(ST_TO_TORCH[out_dt[n]]).cpu())
+                bar.update(1)
+            records = getattr(job.method, "solve_records", None)
+            if records:
+                append_jsonl(run.solve_log, records)
+                records.clear()
+            if store is not None and not keep:
+                for n in names:
+                    store.drop(n)
+            for s in job.sources.all:
+                s.release(names)
+            del merged
+    finally:
+        bar.close()
+    writer.finalize()
+    write_config(job.partial, job.sources.base.config(), _config_dtype(job))
+    copy_aux(job.sources.base, job.partial)
+    write_text_atomic(job.partial / "README.md", model_card(job))
+    os.replace(job.partial, job.out)
+    _write_manifest(job)
+    if store is not None and not keep:
+        shutil.rmtree(run.stats, ignore_errors=True)
+    return job.out
+
+
+def _config_dtype(job: Job) -> torch.dtype:
+    if job.cfg.out_dtype:
+        return DTYPES[job.cfg.out_dtype]
+    floats = [ST_TO_TORCH[dt] for _, _, dt in job.layout if ST_TO_TORCH[dt].is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def _write_manifest(job: Job) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(job.out.iterdir()) if p.is_file()}
+    write_json_atomic(job.run.manifest, {"complete": True, "output": str(job.out), "files": files})
+
+
+def status(run_dir: str | Path) -> dict:
+    """What a run directory holds: complete or not, how far the writer got."""
+    from bmmstream.rundir import read_jsonl
+
+    run = RunDir(Path(run_dir))
+    if not run.exists():
+        raise BmmError(f"{run_dir}: not a bmmstream run directory (no run.json)")
+    rec = run.load()
+    written = {r["tensor"] for r in read_jsonl(run.journal) if "tensor" in r}
+    return {
+        "run_dir": str(run.root),
+        "output": rec["output"],
+        "merge_method": rec["config"].get("merge_method"),
+        "complete": run.complete(),
+        "tensors_written": len(written),
+        "prepass_done": run.prepass.exists(),
+    }
