@@ -1,0 +1,321 @@
+"""Streaming calibration forward: per-site input Grams X X^T of every linear layer of one expert.
+
+Why streaming: an 8B model does not fit next to its activations on one GPU (nor in a small RAM), so
+the model is walked the way quantizers calibrate: the skeleton lives on the meta device, one
+decoder/encoder layer's weights are materialised from the TensorSource at a time, every calibration
+batch is pushed through it, then the layer goes back to meta. Peak memory is one layer + the hidden
+states of the calibration set (on the device, or on disk under `hidden_cache_dir`) + one layer's Grams.
+
+No model code is written here: the skeleton is `transformers.AutoModel.from_config` (Llama-family causal
+LMs and BERT-family encoders), and the inputs of the first layer (attention mask, rotary position
+embeddings, position ids, ...) are produced by the model's own `forward`, stopped by a pre-hook on layer
+0. Those keyword arguments are then replayed for every layer, exactly as the full model would pass them.
+
+Position ids: computed from the attention mask (`cumsum(mask) - 1`, as `generate()` does), and passed to
+the model's forward. For right padding these are the default `arange`; for left padding they make the
+real tokens see the same positions, so the statistics do not depend on where the padding is (BERT's
+absolute position embeddings would otherwise shift).
+
+Statistics, per input site (modules that receive the very same input tensor share one site: q/k/v,
+gate/up, BERT query/key/value): the raw sum S = sum_x x x^T over real tokens only (padding rows are
+removed by the attention mask before the matmul) and the token count n. Per-task normalisation is left
+to the caller and is explicit: the task's Gram is G_t = S_t / n_t, so a task with more calibration
+tokens does not silently dominate sum_t G_t; `ModuleInput.grams` carries these G_t stacked as
+[T, d_in, d_in], and C = sum_t U_t G_t is formed from the same normalised G_t.
+
+Only linears inside the layer stack are captured; linears after it (BERT pooler, heads, lm_head) get no
+Gram and methods treat them by their data-free rule.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bmmstream.errors import BmmError
+from bmmstream.sources.base import TensorSource
+
+Grams = dict[str, tuple[torch.Tensor, int]]
+
+
+class _Caught(Exception):
+    """Raised by the pre-hook on layer 0 to stop the full forward once the layer inputs exist."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("layer inputs captured")
+        self.args = args
+        self.kwargs = kwargs
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (as generate() does); padding gets position 0."""
+    m = attention_mask.long()
+    return ((m.cumsum(-1) - 1).clamp(min=0) * m).long()
+
+
+def build_skeleton(config_dict: dict) -> nn.Module:
+    """The backbone (AutoModel) on the meta device; non-persistent buffers (rotary, ids) stay real."""
+    import accelerate
+    from transformers import AutoConfig, AutoModel
+
+    cfg = dict(config_dict)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise BmmError("config.json has no model_type; cannot build the calibration model")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as e:
+        raise BmmError(f"config.json: model_type '{model_type}' unknown to transformers ({e})") from None
+    config.use_cache = False
+    with accelerate.init_empty_weights():
+        model = AutoModel.from_config(config)
+    return model.eval()
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the transformer layers (`layers` for Llama, `encoder.layer` for BERT)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and len(mod) > 0:
+            return name, mod
+    raise BmmError(f"{type(model).__name__}: no layer list with num_hidden_layers={n} found")
+
+
+def checkpoint_prefix(model: nn.Module, names: Iterable[str]) -> str:
+    """Prefix of the backbone's tensors in the checkpoint ("" for a bare backbone, "model." for Llama LMs)."""
+    names = set(names)
+    params = [n for n, _ in model.named_parameters()]
+    for prefix in ("", model.base_model_prefix + "."):
+        if all(prefix + p in names for p in params[:1] + params[-1:]):
+            return prefix
+    raise BmmError(
+        f"checkpoint has no tensor '{params[0]}' (nor with prefix '{model.base_model_prefix}.'): "
+        "not a checkpoint of this model type"
+    )
+
+
+def _materialise(model: nn.Module, names: list[str], source: TensorSource, prefix: str, device, dtype):
+    from accelerate.utils import set_module_tensor_to_device
+
+    available = source.tensor_infos()
+    for n in names:
+        key = prefix + n
+        if key not in available:
+            raise BmmError(f"{source.id}: tensor '{key}' is missing from the checkpoint")
+        value = source.get(key)
+        set_module_tensor_to_device(model, n, device, value=value, dtype=dtype)
+
+
+def _to_meta(model: nn.Module, names: list[str]) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    for n in names:
+        set_module_tensor_to_device(model, n, "meta")
+
+
+def _move(obj: Any, device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _HiddenStore:
+    """Hidden states between layers, one entry per batch: on the device, or spilled to disk."""
+
+    def __init__(self, device, cache_dir: Path | None):
+        self.device = device
+        self.dir = Path(cache_dir) if cache_dir is not None else None
+        self.mem: list[torch.Tensor | None] = []
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"hidden_{i:06d}.safetensors"
+
+    def put(self, i: int, h: torch.Tensor) -> None:
+        if self.dir is None:
+            while len(self.mem) <= i:
+                self.mem.append(None)
+            self.mem[i] = h
+            return
+        from safetensors.torch import save_file
+
+        tmp = self.dir / f".hidden_{i:06d}.tmp"
+        save_file({"h": h.detach().contiguous().cpu()}, str(tmp))
+        os.replace(tmp, self._path(i))
+
+    def get(self, i: int) -> torch.Tensor:
+        if self.dir is None:
+            return self.mem[i]
+        from safetensors.torch import load_file
+
+        return load_file(str(self._path(i)), device=str(self.device))["h"]
+
+    def clear(self) -> None:
+        self.mem = []
+        if self.dir is not None:
+            for p in self.dir.glob("hidden_*.safetensors"):
+                p.unlink()
+
+
+def _linear_names(layer: nn.Module) -> list[str]:
+    return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _accumulate(x: torch.Tensor, mask: torch.Tensor, acc: list, dtype) -> None:
+    """acc = [S, n] += (x_real^T x_real, #real) with padding rows dropped before the matmul."""
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    if flat.shape[0] != mask.numel():
+        raise BmmError(f"linear input has {flat.shape[0]} rows but the batch has {mask.numel()} tokens")
+    xs = flat[mask.reshape(-1)].to(dtype)
+    if acc[0] is None:
+        acc[0] = torch.zeros(d, d, dtype=dtype, device=x.device)
+    acc[0].addmm_(xs.T, xs)
+    acc[1] += int(xs.shape[0])
+
+
+def collect_input_grams(
+    source: TensorSource,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    hidden_cache_dir: Path | None = None,
+    on_layer: Callable[[int, Grams], None] | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Grams:
+    """Per-site raw input Grams of every linear in the layer stack of one expert.
+
+    batches: dicts with "input_ids" and "attention_mask" [B, S] (see bmmstream.calibration).
+    dtype: accumulation dtype of the Grams; compute_dtype: dtype of the forward (default: dtype).
+    hidden_cache_dir: when given, hidden states between layers are spilled there instead of being
+    kept on the device. Returns {checkpoint tensor name: (sum x x^T [d_in, d_in], n_tokens)}, with
+    modules that share an input site sharing one tensor object. When `on_layer` is given, each
+    layer's dict is handed to it and not retained (the return value is then empty), so memory stays
+    bounded by one layer.
+    """
+    device = torch.device(device)
+    compute_dtype = compute_dtype or dtype
+    model = build_skeleton(source.config())
+    layers_path, layers = find_layers(model)
+    prefix = checkpoint_prefix(model, source.tensor_infos())
+
+    param_names = [n for n, _ in model.named_parameters()]
+    outside = [n for n in param_names if not n.startswith(layers_path + ".")]
+    for name, buf in list(model.named_buffers()):
+        if buf.device.type != "meta":
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            mod._buffers[attr] = buf.to(device)
+
+    batches = list(batches)
+    masks: list[torch.Tensor] = []
+    extra: list[tuple[tuple, dict]] = []
+    store = _HiddenStore(device, hidden_cache_dir)
+    spill = hidden_cache_dir is not None
+
+    def stop(_mod, args, kwargs):
+        raise _Caught(args, kwargs)
+
+    # Embeddings (and the other small non-layer tensors) first: run the model's own forward up to layer 0.
+    _materialise(model, outside, source, prefix, device, compute_dtype)
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                if "input_ids" not in b or "attention_mask" not in b:
+                    raise BmmError("calibration batch needs 'input_ids' and 'attention_mask'")
+                ids = b["input_ids"].to(device)
+                mask = b["attention_mask"].to(device)
+                try:
+                    model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=position_ids_from_mask(mask),
+                        use_cache=False,
+                    )
+                except _Caught as c:
+                    hidden, rest = c.args[0], c.args[1:]
+                    kwargs = c.kwargs
+                else:
+                    raise BmmError(f"{type(model).__name__}: forward never reached layer 0")
+                store.put(i, hidden)
+                extra.append(_move((rest, kwargs), "cpu") if spill else (rest, kwargs))
+                masks.append(mask.bool())
+    finally:
+        handle.remove()
+    _to_meta(model, outside)
+
+    result: Grams = {}
+    for li, layer in enumerate(layers):
+        lprefix = f"{layers_path}.{li}."
+        names = [n for n in param_names if n.startswith(lprefix)]
+        _materialise(model, names, source, prefix, device, compute_dtype)
+        lin_names = _linear_names(layer)
+        seen: dict[str, torch.Tensor] = {}
+        hooks = []
+        for ln in lin_names:
+            mod = layer.get_submodule(ln)
+
+            def hook(_m, inputs, _out, ln=ln):
+                seen[ln] = inputs[0]
+
+            hooks.append(mod.register_forward_hook(hook))
+        # site key (a leader module) -> [S, n]; module -> leader
+        acc: dict[str, list] = {}
+        leader: dict[str, str] = {}
+        try:
+            with torch.no_grad():
+                for i in range(len(masks)):
+                    rest, kwargs = extra[i]
+                    if spill:
+                        rest, kwargs = _move(rest, device), _move(kwargs, device)
+                    out = layer(store.get(i), *rest, **kwargs)
+                    if isinstance(out, (tuple, list)):
+                        out = out[0]
+                    # group modules by the identity of their input tensor: one Gram per input site
+                    groups: list[tuple[torch.Tensor, list[str]]] = []
+                    for ln in lin_names:
+                        if ln not in seen:
+                            continue
+                        for x, members in groups:
+                            if seen[ln] is x:
+                                members.append(ln)
+                                break
+                        else:
+                            groups.append((seen[ln], [ln]))
+                    for x, members in groups:
+                        key = leader.setdefault(members[0], members[0])
+                        for m in members[1:]:
+                            if leader.setdefault(m, key) != key:
+                                raise BmmError(f"layer {li}: input sites of '{m}' differ between batches")
+                        _accumulate(x, masks[i], acc.setdefault(key, [None, 0]), dtype)
+                    seen.clear()
+                    store.put(i, out)
+        finally:
+            for h in hooks:
+                h.remove()
+            seen.clear()
+        layer_grams: Grams = {}
+        for ln, key in leader.items():
+            s, n = acc[key]
+            layer_grams[f"{prefix}{lprefix}{ln}.weight"] = (s, n)
+        # modules sharing a site must share the same tuple contents (same tensor object)
+        layer.to("meta")
+        if on_layer is not None:
+            on_layer(li, layer_grams)
+        else:
+            result.update(layer_grams)
+        del acc, layer_grams
+    store.clear()
+    return result
