@@ -12,7 +12,7 @@ from torch import nn
 
 from bmmstream.capture import collect_input_grams, position_ids_from_mask
 from bmmstream.errors import BmmError
-from bmmstream.sources.base import ST_TO_TORCH, TensorInfo
+from bmmstream.sources.base import TensorInfo
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,9 +31,7 @@ class _Reader:
         out = {}
         for k in self._f.keys():
             sl = self._f.get_slice(k)
-            inv = {v: s for s, v in ST_TO_TORCH.items()}
             out[k] = TensorInfo(tuple(sl.get_shape()), sl.get_dtype())
-            del inv
         return out
 
     def config(self):
