@@ -28,12 +28,12 @@ def write_st_folder(
     if config is not None:
         (folder / "config.json").write_text(json.dumps(config))
     if shards is None:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+        save_file({k: v.clone().contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
         return folder
     weight_map = {}
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in names}, folder / fname)
+        save_file({n: tensors[n].clone().contiguous() for n in names}, folder / fname)
         weight_map.update({n: fname for n in names})
     if index:
         (folder / "model.safetensors.index.json").write_text(
