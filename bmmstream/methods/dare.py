@@ -1,0 +1,90 @@
+"""DARE: Drop And REscale (Yu et al., ICML 2024, "Language Models are Super Mario: Absorbing
+Abilities from Homologous Models as a Free Lunch"; reference code github.com/yule-BUAA/MergeLM;
+mergekit's `dare_linear` / `dare_ties`).
+
+Each entry of each task vector is kept with probability `density` = 1 - p and rescaled by 1/density
+(`rescale: false` skips the rescale, as mergekit allows), then the sparse task vectors are combined:
+- combine "task_arithmetic" (mergekit `dare_linear`): U = scale * sum_t U'_t,
+- combine "ties" (mergekit `dare_ties`): sign election by mass and disjoint mean of U'_t, times scale;
+  the random drop replaces TIES' magnitude trim, as in mergekit.
+Give either `density` (mergekit style) or `p` (the paper's drop rate). Defaults: p = 0.9 (the
+paper's headline setting; its LLM merge scripts also use 0.2, so set it for your models), scale 1.0
+(the reference's scaling_coefficient). Every tensor kind is treated alike, like the reference
+(which masks every parameter) and mergekit.
+
+The mask comes from a counter-based generator (numpy Philox) whose 128-bit key is a BLAKE2b hash of
+(seed, tensor name, task index): the same merge gives the same mask whatever the order in which
+tensors are processed, and across a killed-and-resumed run.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from bmmstream.errors import BmmError
+from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.methods.ties import elect_and_mean
+
+COMBINES = ("task_arithmetic", "ties")
+
+
+def mask_key(seed: int, name: str, task: int) -> int:
+    """128-bit Philox key for one (seed, tensor, task); stable across processes and platforms."""
+    h = hashlib.blake2b(f"bmmstream.dare\0{seed}\0{name}\0{task}".encode(), digest_size=16)
+    return int.from_bytes(h.digest(), "little")
+
+
+def keep_mask(seed: int, name: str, task: int, shape: tuple[int, ...], density: float) -> torch.Tensor:
+    """Bernoulli(density) keep mask (bool, CPU) for one task's tensor."""
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    gen = np.random.Generator(np.random.Philox(key=mask_key(seed, name, task)))
+    u = gen.random(n, dtype=np.float32)
+    return torch.from_numpy(u < np.float32(density)).reshape(shape)
+
+
+def dare_sparsify(
+    deltas: torch.Tensor, name: str, seed: int, density: float, rescale: bool = True
+) -> torch.Tensor:
+    """Drop entries of each task vector at rate 1 - density and rescale the rest by 1/density."""
+    if density >= 1.0:
+        return deltas
+    out = torch.empty_like(deltas)
+    shape = tuple(deltas.shape[1:])
+    for t in range(deltas.shape[0]):
+        mask = keep_mask(seed, name, t, shape, density).to(deltas.device)
+        kept = torch.where(mask, deltas[t], torch.zeros_like(deltas[t]))
+        out[t] = kept / density if rescale else kept
+    return out
+
+
+@register
+class Dare(MergeMethod):
+    name = "dare"
+    defaults = {"density": None, "p": None, "combine": "task_arithmetic", "scale": 1.0, "rescale": True}
+
+    def __init__(self, params: dict | None = None, *, seed: int = 0):
+        super().__init__(params, seed=seed)
+        dens, p = self.params["density"], self.params["p"]
+        if dens is not None and p is not None and abs(float(dens) + float(p) - 1.0) > 1e-12:
+            raise BmmError(f"merge method 'dare': density {dens} and p {p} disagree (density = 1 - p)")
+        if dens is None:
+            dens = 1.0 - float(p) if p is not None else 0.1
+        dens = float(dens)
+        if not 0.0 < dens <= 1.0:
+            raise BmmError(f"merge method 'dare': density must be in (0, 1] (p in [0, 1)), got {dens}")
+        if self.params["combine"] not in COMBINES:
+            raise BmmError(
+                f"merge method 'dare': combine must be one of {list(COMBINES)}, got {self.params['combine']!r}"
+            )
+        self.density = dens
+        self.params["density"], self.params["p"] = dens, 1.0 - dens
+
+    def merge(self, inp: ModuleInput) -> torch.Tensor:
+        sparse = dare_sparsify(inp.deltas, inp.spec.name, self.seed, self.density, bool(self.params["rescale"]))
+        if self.params["combine"] == "ties":
+            merged = elect_and_mean(sparse)
+        else:
+            merged = sparse.sum(0)
+        return float(self.params["scale"]) * merged
