@@ -1,0 +1,206 @@
+"""Scoring a loaded model on a task: encoder accuracy with a task head, label likelihood, perplexity.
+
+These are the scores the benchmark and the hyperparameter search compare merged models by. They
+take an already loaded torch model (no file I/O) so a caller can evaluate an in-memory merge as
+easily as a folder on disk.
+
+- Encoder tasks: a sentence embedding is the attention-mask-weighted mean of the last hidden states
+  (the all-MiniLM-L6-v2 pooling); a linear head per task maps it to label logits. Heads are never merged.
+- Decoder tasks: each row is a prompt, a list of short answer choices and the right answer. A choice's
+  score is the summed log-probability of its answer tokens after the prompt (teacher forced); the
+  prediction is the highest-scoring choice. Prompt and answer are tokenized separately and the ids
+  concatenated, exactly as the experts were trained.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder tasks
+# ----------------------------------------------------------------------------------------------
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `hidden` [B, L, H] over the positions where `mask` [B, L] is 1."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def encoder_logits(model: torch.nn.Module, head: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Label logits [B, C] for one tokenized batch (input_ids, attention_mask[, token_type_ids])."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    hidden = model(**inputs).last_hidden_state
+    pooled = mean_pool(hidden, batch["attention_mask"])
+    return head(pooled.to(next(head.parameters()).dtype))
+
+
+@torch.no_grad()
+def encoder_accuracy(model: torch.nn.Module, head: torch.nn.Module, batches: Iterable[dict]) -> float:
+    """Fraction of examples whose argmax head logit equals `batch['labels']`."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for batch in batches:
+            pred = encoder_logits(model, head, batch).argmax(-1)
+            correct += int((pred == batch["labels"]).sum())
+            total += int(batch["labels"].numel())
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("encoder_accuracy: no examples")
+    return correct / total
+
+
+def encoder_batches(
+    tokenizer: Any,
+    rows: Sequence[dict],
+    labels: Sequence[str],
+    *,
+    max_len: int = 128,
+    batch_size: int = 32,
+) -> list[dict]:
+    """Tokenize rows {text, label} into padded batches with integer `labels` (index into `labels`)."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        enc = tokenizer(
+            [r["text"] for r in chunk],
+            truncation=True,
+            max_length=max_len,
+            padding=True,
+            return_tensors="pt",
+        )
+        batch = dict(enc)
+        batch["labels"] = torch.tensor([index[r["label"]] for r in chunk])
+        out.append(batch)
+    return out
+
+
+def linear_head(weight: torch.Tensor, bias: torch.Tensor) -> torch.nn.Linear:
+    """A torch Linear holding a saved task head (weight [C, H], bias [C])."""
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    return head
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder tasks
+# ----------------------------------------------------------------------------------------------
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (bf16/fp16 log-softmax is too coarse to rank choices)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], choices: Sequence[Sequence[str]]
+) -> list[list[float]]:
+    """Summed log-probability of each choice's tokens after its prompt, for a batch of prompts.
+
+    One right-padded forward over the prompts gives every choice's first-token log-prob (causal
+    attention: padding after a prompt cannot change its logits). Choices longer than one token get
+    one extra forward over prompt + choice.
+    """
+    device = _device(model)
+    prompt_ids = [_ids(tokenizer, p) for p in prompts]
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("choice_logprobs: empty prompt")
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, : len(p)] = torch.tensor(p)
+        mask[i, : len(p)] = 1
+    logits = _wide(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
+    last = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
+    first_lp = torch.log_softmax(logits[torch.arange(len(prompts), device=device), last], dim=-1)
+
+    out: list[list[float]] = []
+    for i, (p, row_choices) in enumerate(zip(prompt_ids, choices)):
+        scores = []
+        for choice in row_choices:
+            c = _ids(tokenizer, choice)
+            if not c:
+                raise ValueError(f"choice_logprobs: choice {choice!r} tokenizes to nothing")
+            if len(c) == 1:
+                scores.append(float(first_lp[i, c[0]]))
+                continue
+            seq = torch.tensor([p + c], device=device)
+            lp = torch.log_softmax(_wide(model(input_ids=seq).logits)[0], dim=-1)
+            # token c[j] is predicted at position len(p) - 1 + j
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(c), device=device)
+            scores.append(float(lp[pos, torch.tensor(c, device=device)].sum()))
+        out.append(scores)
+    return out
+
+
+def _answer_index(row: dict) -> int:
+    answer = row["answer"]
+    if isinstance(answer, int):
+        return answer
+    return list(row["choices"]).index(answer)
+
+
+def label_likelihood_accuracy(
+    model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], *, batch_size: int = 8
+) -> float:
+    """Fraction of rows {prompt, choices, answer} whose most likely choice is the answer.
+
+    `answer` is the right choice's text or its index. Ties go to the first choice.
+    """
+    if not rows:
+        raise ValueError("label_likelihood_accuracy: no rows")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            scores = choice_logprobs(
+                model, tokenizer, [r["prompt"] for r in chunk], [r["choices"] for r in chunk]
+            )
+            for row, s in zip(chunk, scores):
+                pred = max(range(len(s)), key=lambda j: (s[j], -j))
+                correct += int(pred == _answer_index(row))
+    finally:
+        model.train(was_training)
+    return correct / len(rows)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, max_len: int = 256) -> float:
+    """exp(mean next-token NLL) over all predicted tokens of `texts` (each truncated to max_len)."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    nll = 0.0
+    count = 0
+    try:
+        for text in texts:
+            ids = _ids(tokenizer, text)[:max_len]
+            if len(ids) < 2:
+                continue
+            seq = torch.tensor([ids], device=device)
+            lp = torch.log_softmax(_wide(model(input_ids=seq).logits)[0, :-1], dim=-1)
+            nll -= float(lp.gather(1, seq[0, 1:, None]).sum())
+            count += len(ids) - 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("perplexity: no text with at least two tokens")
+    return math.exp(nll / count)
