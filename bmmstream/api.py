@@ -42,7 +42,7 @@ def status(run_dir: str | Path) -> dict:
     return _status(run_dir)
 
 
-def plan(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
+def plan_merge(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
     """Modules, groups, blocks and estimates of RAM, disk, FLOPs and time, before heavy work."""
     from bmmstream.estimate import plan_report
 

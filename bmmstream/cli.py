@@ -98,7 +98,7 @@ def status(run_dir: Path = typer.Argument(...)):
 @app.command()
 def plan(config: Path = typer.Argument(...), device: str = DeviceOpt, as_json: bool = typer.Option(False, "--json")):
     """Modules, groups, blocks and estimates of RAM, disk, FLOPs and time; reads headers only."""
-    from bmmstream.api import plan as _plan
+    from bmmstream.api import plan_merge as _plan
 
     try:
         rep = _plan(config, device=device)
@@ -149,4 +149,8 @@ def demo(
 
 
 def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,3 @@
+from bmmstream.cli import app
+
+app(prog_name="bmm")
