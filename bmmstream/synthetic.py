@@ -1,10 +1,10 @@
-"""Synthetic Llama checkpoints (a base and T experts) of any size, for tests and benchmarks.
+"""Synthetic Llama (and BERT) checkpoints, a base and T experts of any size, for tests and benchmarks.
 
 Every tensor is a pure function of (seed, tensor name, expert index), so any layer can be
 regenerated on its own (tests compare against it without reading files) and the files are written
 one tensor at a time through ShardWriter: the model is never whole in memory.
 
-  base      W_pre = N(0, 0.02^2) for 2-D weights, 1 for norm vectors
+  base      W_pre = N(0, 0.02^2) for 2-D weights, 1 for norm scales, 0 for biases
   expert t  W_t = W_pre + U_t,  U_t = delta_scale / sqrt(rank) * A_t B_t  (A_t: d_out x r, B_t: r x d_in)
                                + noise * delta_scale * N(0, 1)            (dense, every tensor)
 so the low-rank part has entry RMS ~ delta_scale and the dense part is `noise` times smaller.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -49,6 +50,8 @@ class LlamaSpec:
     dtype: str = "float32"
     seed: int = 0
 
+    family: ClassVar[str] = "llama"
+
     def __post_init__(self):
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError("hidden must be divisible by heads, and heads by kv_heads")
@@ -81,9 +84,9 @@ class LlamaSpec:
         return [(n, s, st) for n, s in out]
 
     def base_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """W_pre in float32."""
+        """W_pre in float32: norm scales 1, biases 0, matrices N(0, init_std^2)."""
         if len(shape) == 1:
-            return torch.ones(shape)
+            return torch.zeros(shape) if name.endswith("bias") else torch.ones(shape)
         return torch.randn(shape, generator=_generator(self.seed, name, "base")) * self.init_std
 
     def task_vector(self, name: str, shape: tuple[int, ...], expert: int) -> torch.Tensor:
@@ -128,7 +131,7 @@ class LlamaSpec:
 class SuiteInfo:
     base: Path
     experts: list[Path]
-    spec: LlamaSpec = field(default_factory=LlamaSpec)
+    spec: LlamaSpec = field(default_factory=LlamaSpec)  # regenerates any tensor: spec.tensor(name, t)
 
 
 def _write_folder_files(folder: Path, spec: LlamaSpec) -> None:
@@ -163,24 +166,29 @@ def make_llama_suite(
     """
     spec = LlamaSpec(hidden, intermediate, layers, heads, kv_heads, vocab, rank, noise,
                      delta_scale, 0.02, dtype, seed)
-    out = Path(out)
+    return write_suite(Path(out), spec, num_experts, shard_bytes)
+
+
+def write_suite(out: Path, spec, num_experts: int, shard_bytes: int = 2 * 1024**3) -> SuiteInfo:
+    """Write out/base and out/expert_* for any spec with layout/base_tensor/task_vector/hf_config."""
     folders = [out / "base"] + [out / f"expert_{t}" for t in range(num_experts)]
     layout = spec.layout()
+    torch_dtype = DTYPES[spec.dtype]
     writers = []
     try:
         for f in folders:
             f.mkdir(parents=True, exist_ok=True)
             writers.append(ShardWriter(f, layout, shard_bytes, f / JOURNAL,
-                                       metadata={"bmmstream_synthetic": "llama"}))
+                                       metadata={"bmmstream_synthetic": spec.family}))
         for name, shape, _ in layout:
             if all(w.done(name) for w in writers):
                 continue
             base = spec.base_tensor(name, shape)
             if not writers[0].done(name):
-                writers[0].write(name, base.to(DTYPES[dtype]))
+                writers[0].write(name, base.to(torch_dtype))
             for t, w in enumerate(writers[1:]):
                 if not w.done(name):
-                    w.write(name, (base + spec.task_vector(name, shape, t)).to(DTYPES[dtype]))
+                    w.write(name, (base + spec.task_vector(name, shape, t)).to(torch_dtype))
         for f, w in zip(folders, writers):
             w.finalize()
             w.close()
@@ -190,3 +198,70 @@ def make_llama_suite(
         for w in writers:
             w.close()
     return SuiteInfo(folders[0], folders[1:], spec)
+
+
+@dataclass(frozen=True)
+class BertSpec(LlamaSpec):
+    """A BERT encoder (transformers BertModel names, loadable with AutoModel)."""
+
+    max_positions: int = 64
+    type_vocab: int = 2
+
+    family: ClassVar[str] = "bert"
+
+    def layout(self) -> list[tuple[str, tuple[int, ...], str]]:
+        h, i = self.hidden, self.intermediate
+        st = TORCH_TO_ST[DTYPES[self.dtype]]
+        e = "embeddings."
+        out = [(e + "word_embeddings.weight", (self.vocab, h)),
+               (e + "position_embeddings.weight", (self.max_positions, h)),
+               (e + "token_type_embeddings.weight", (self.type_vocab, h)),
+               (e + "LayerNorm.weight", (h,)), (e + "LayerNorm.bias", (h,))]
+        for l in range(self.layers):
+            p = f"encoder.layer.{l}."
+            for mod, shape in [("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
+                               ("attention.self.value", (h, h)), ("attention.output.dense", (h, h)),
+                               ("attention.output.LayerNorm", None), ("intermediate.dense", (i, h)),
+                               ("output.dense", (h, i)), ("output.LayerNorm", None)]:
+                rows = h if shape is None else shape[0]
+                out += [(p + mod + ".weight", shape or (h,)), (p + mod + ".bias", (rows,))]
+        out += [("pooler.dense.weight", (h, h)), ("pooler.dense.bias", (h,))]
+        return [(n, s, st) for n, s in out]
+
+    def hf_config(self):
+        from transformers import BertConfig
+
+        return BertConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            max_position_embeddings=self.max_positions,
+            type_vocab_size=self.type_vocab,
+            architectures=["BertModel"],
+            dtype=self.dtype,
+        )
+
+
+def make_bert_suite(
+    out: Path,
+    *,
+    num_experts: int = 3,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    vocab: int = 128,
+    max_positions: int = 64,
+    rank: int = 4,
+    noise: float = 0.01,
+    delta_scale: float = 0.005,
+    dtype: str = "float32",
+    seed: int = 0,
+    shard_bytes: int = 2 * 1024**3,
+) -> SuiteInfo:
+    """Like make_llama_suite, for a BERT encoder (out/base, out/expert_*; AutoModel loads them)."""
+    spec = BertSpec(hidden, intermediate, layers, heads, heads, vocab, rank, noise, delta_scale,
+                    0.02, dtype, seed, max_positions)
+    return write_suite(Path(out), spec, num_experts, shard_bytes)

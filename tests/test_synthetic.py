@@ -89,3 +89,23 @@ def test_cli(tmp_path):
     assert src.tensor_infos()["model.embed_tokens.weight"].dtype == "F16"
     assert src.config()["num_hidden_layers"] == 1
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["base", "expert_0", "expert_1"]
+
+
+def test_bert_suite_loads_with_automodel(tmp_path):
+    from transformers import AutoModel
+
+    from bmmstream.synthetic import make_bert_suite
+
+    suite = make_bert_suite(tmp_path / "bert", num_experts=2, layers=1, hidden=32, intermediate=48, vocab=64)
+    assert LocalSource(suite.base).config()["model_type"] == "bert"
+    model, info = AutoModel.from_pretrained(suite.experts[0], output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    sd = model.state_dict()
+    assert set(sd) == {n for n, _, _ in suite.spec.layout()}
+    for name, value in sd.items():
+        assert torch.equal(value, suite.spec.tensor(name, 0)), name
+    assert torch.equal(sd["encoder.layer.0.output.dense.bias"] - suite.spec.tensor("encoder.layer.0.output.dense.bias"),
+                       suite.spec.task_vector("encoder.layer.0.output.dense.bias", (32,), 0))
+    with torch.no_grad():
+        out = model(torch.tensor([[2, 7, 3]])).last_hidden_state
+    assert out.shape == (1, 3, 32) and torch.isfinite(out).all()
