@@ -126,3 +126,17 @@ def test_bmm_parameter_errors_are_one_line():
         get_method("bmm", {"scale": [1, 1, 1], "blocks": 2})
     with pytest.raises(BmmError, match=r"^unknown merge method 'nope'"):
         get_method("bmm", {"anchor": "nope"})
+
+
+def test_bmm_rho_per_block_and_group():
+    U = _tasks(T=2, d_out=5, d_in=5, seed=7)
+    m = get_method("bmm", {"rho": [{"attn_in": 0.1}, {"attn_in": 3.0}], "blocks": 2, "anchor": "pretrained"})
+    out = m.merge_unit([_inp("a", U, "attn_in", 0), _inp("b", U, "attn_in", 1)])
+    G, C = datafree_stats(U)
+    for name, rho in (("a", 0.1), ("b", 3.0)):
+        ref = dense_reference(G, C, torch.zeros(5, 5, dtype=torch.float64), rho * G.trace() / 5)
+        assert _rel(out[name], ref) < 1e-10
+    from bmmstream.errors import BmmError
+
+    with pytest.raises(BmmError, match=r"^bmm: rho lists 1 values but blocks is 2$"):
+        get_method("bmm", {"rho": [0.1], "blocks": 2})

@@ -3,7 +3,8 @@
 Per 2-D module: U = (C + lam U0)(G + lam I)^-1 and W = W_pre + s U, where U0 is the task vector of
 the anchor method (any registry method, `anchor`, with `anchor_parameters`), G and C the statistics
 of stats.py (data_free, data_assisted or hybrid), lam = rho * trace(G)/d_in per group (or the
-absolute `lam`), s the scale of the module's block.
+absolute `lam`), s the scale of the module's block. rho, lam and scale may each be given per block
+as a list (one entry per block), rho/lam entries being a number or a mapping group -> number.
 
 Tensors that are not regressed (kind "vector": biases and norms; kind "embedding": embeddings
 and lm_head, which are vocab-sized and never form vocab x vocab products) take the anchor's value
@@ -41,6 +42,17 @@ def _per_group(value, key: str) -> dict[str, float] | None:
     raise BmmError(f"bmm: parameter '{key}' must be a number or a mapping group -> number, got {value!r}")
 
 
+def _per_block(value, key: str, blocks: int) -> list[dict[str, float]] | None:
+    """rho/lam as one number, a mapping group -> number, or a list of those, one per block."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) != blocks:
+            raise BmmError(f"bmm: {key} lists {len(value)} values but blocks is {blocks}")
+        return [_per_group(v, key) for v in value]
+    return [_per_group(value, key)] * blocks
+
+
 @register
 class BMM(MergeMethod):
     name = "bmm"
@@ -68,11 +80,11 @@ class BMM(MergeMethod):
             raise BmmError(f"bmm: statistics must be one of {list(STATISTICS)}, got {p['statistics']!r}")
         if p["lam"] is not None and "rho" in (params or {}):
             raise BmmError("bmm: give either 'rho' (relative to trace(G)/d_in) or 'lam' (absolute), not both")
-        self.lam = _per_group(p["lam"], "lam")
-        self.rho = None if self.lam is not None else _per_group(p["rho"], "rho")
         blocks = int(p["blocks"])
         if blocks < 1:
             raise BmmError(f"bmm: blocks must be >= 1, got {blocks}")
+        self.lam = _per_block(p["lam"], "lam", blocks)
+        self.rho = None if self.lam is not None else _per_block(p["rho"], "rho", blocks)
         scale = p["scale"]
         self.scales = [float(scale)] * blocks if isinstance(scale, (int, float)) else [float(s) for s in scale]
         if len(self.scales) != blocks:
@@ -111,6 +123,10 @@ class BMM(MergeMethod):
     def unit_statistics(self, inputs: list[ModuleInput]) -> dict[str, dict[str, torch.Tensor]]:
         return {i.spec.name: self.module_statistics(i) for i in inputs if i.spec.kind == "linear"}
 
+    @staticmethod
+    def _hp(per_block: list[dict[str, float]], inp: ModuleInput) -> float:
+        return per_block[min(inp.spec.block, len(per_block) - 1)][inp.spec.group]
+
     # -- merge -----------------------------------------------------------------------------
     def merge_unit(
         self, inputs: list[ModuleInput], stats: dict[str, dict[str, torch.Tensor]] | None = None
@@ -131,9 +147,9 @@ class BMM(MergeMethod):
             C = torch.stack([stats[n]["C"] for n in names])
             U0 = torch.stack([anchor[n] for n in names])
             if self.lam is not None:
-                lam = torch.tensor([self.lam[i.spec.group] for i in group], dtype=G.dtype, device=G.device)
+                lam = torch.tensor([self._hp(self.lam, i) for i in group], dtype=G.dtype, device=G.device)
             else:
-                rho = torch.tensor([self.rho[i.spec.group] for i in group], dtype=G.dtype, device=G.device)
+                rho = torch.tensor([self._hp(self.rho, i) for i in group], dtype=G.dtype, device=G.device)
                 lam = lam_from_rho(G, rho)
             U, damped = bmm_solve(G, C, U0, lam)
             damp = {d.index: d for d in damped}
