@@ -142,3 +142,10 @@ def test_bad_parameters():
         get_method("ties", {"density": 0.0})
     with pytest.raises(BmmError, match="threshold must be one of"):
         get_method("ties", {"threshold": "layer"})
+
+
+def test_per_tensor_keeps_at_least_one_entry_like_mergekit():
+    d = torch.tensor([[0.5, -2.0, 1.0], [0.1, 0.2, -0.3]], dtype=torch.float64)
+    m = get_method("ties", {"density": 0.2, "threshold": "per_tensor"})  # int(0.6) = 0 -> keep 1
+    trimmed = m.trim(_inp("n", d, kind="vector"))
+    assert torch.equal(trimmed, torch.tensor([[0, -2.0, 0], [0, 0, -0.3]], dtype=torch.float64))

@@ -1,12 +1,15 @@
 """DARE: Drop And REscale (Yu et al., ICML 2024, "Language Models are Super Mario: Absorbing
 Abilities from Homologous Models as a Free Lunch"; reference code github.com/yule-BUAA/MergeLM;
-mergekit's `dare_linear` / `dare_ties`).
+structurally like mergekit's `dare_linear` / `dare_ties`).
 
 Each entry of each task vector is kept with probability `density` = 1 - p and rescaled by 1/density
 (`rescale: false` skips the rescale, as mergekit allows), then the sparse task vectors are combined:
-- combine "task_arithmetic" (mergekit `dare_linear`): U = scale * sum_t U'_t,
-- combine "ties" (mergekit `dare_ties`): sign election by mass and disjoint mean of U'_t, times scale;
-  the random drop replaces TIES' magnitude trim, as in mergekit.
+- combine "task_arithmetic" (like mergekit `dare_linear`): U = scale * sum_t U'_t,
+- combine "ties" (like mergekit `dare_ties`): sign election by mass and disjoint mean of U'_t (the
+  TIES reference's mean), times scale; the random drop replaces TIES' magnitude trim, as in mergekit.
+  Differences from mergekit 0.1.5: it rescales each dropped tensor to keep its L1 norm rather than by
+  1/density (the paper's rule, used here), and its dare_ties sums the agreeing entries unless
+  `normalize: true`.
 Give either `density` (mergekit style) or `p` (the paper's drop rate). Defaults: p = 0.9 (the
 paper's headline setting; its LLM merge scripts also use 0.2, so set it for your models), scale 1.0
 (the reference's scaling_coefficient). Every tensor kind is treated alike, like the reference

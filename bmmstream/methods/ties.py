@@ -13,8 +13,8 @@ Threshold (`threshold`):
   |U_t| (bmmstream.kernels); the threshold is the lower edge of the bin holding that order statistic,
   so  tau_hist <= tau_exact < tau_hist * (1 + 2^-12)  (relative error bound 2.4e-4, on float32
   magnitudes). Entries within that sliver above tau_hist are kept too.
-- "per_tensor" (mergekit's `ties`): keep exactly int(density * numel) entries of each tensor per
-  task, the largest by magnitude (same argsort rule as mergekit's `magnitude` sparsification).
+- "per_tensor" (mergekit's `ties`): keep exactly max(1, int(density * numel)) entries of each tensor
+  per task, the largest by magnitude (the argsort rule of mergekit 0.1.5's `magnitude` sparsification).
 Every tensor kind (2-D, embeddings, vectors) is merged by the same rule, as in the reference and mergekit.
 
 Sign election: sign of the sum of the trimmed values; where that sum is exactly 0 the reference
@@ -47,12 +47,12 @@ def elect_and_mean(trimmed: torch.Tensor) -> torch.Tensor:
 
 
 def topk_mask_per_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """mergekit's magnitude sparsification: per task keep the int(density * numel) largest |U|."""
+    """mergekit's magnitude sparsification: per task keep the max(1, int(density * numel)) largest |U|."""
     if density >= 1.0:
         return torch.ones_like(deltas, dtype=torch.bool)
     t_count = deltas.shape[0]
     flat = deltas.reshape(t_count, -1)
-    k = int(density * flat.shape[1])
+    k = max(1, int(density * flat.shape[1])) if flat.shape[1] else 0
     mask = torch.zeros_like(flat, dtype=torch.bool)
     for t in range(t_count):
         order = torch.argsort(flat[t].abs().float(), descending=True)[:k]
