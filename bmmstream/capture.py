@@ -108,6 +108,9 @@ def _materialise(model: nn.Module, names: list[str], source: TensorSource, prefi
             raise BmmError(f"{source.id}: tensor '{key}' is missing from the checkpoint")
         value = source.get(key)
         set_module_tensor_to_device(model, n, device, value=value, dtype=dtype)
+        del value
+    # the weights now live in the module: let a streaming source evict its copies
+    source.release([prefix + n for n in names])
 
 
 def _to_meta(model: nn.Module, names: list[str]) -> None:
@@ -256,10 +259,15 @@ def collect_input_grams(
         handle.remove()
     _to_meta(model, outside)
 
+    def layer_params(li: int) -> list[str]:
+        return [n for n in param_names if n.startswith(f"{layers_path}.{li}.")]
+
     result: Grams = {}
     for li, layer in enumerate(layers):
         lprefix = f"{layers_path}.{li}."
-        names = [n for n in param_names if n.startswith(lprefix)]
+        names = layer_params(li)
+        if li + 1 < len(layers):
+            source.prefetch([prefix + n for n in layer_params(li + 1)])
         _materialise(model, names, source, prefix, device, compute_dtype)
         lin_names = _linear_names(layer)
         seen: dict[str, torch.Tensor] = {}

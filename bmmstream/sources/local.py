@@ -194,7 +194,13 @@ class LocalSource:
         """Nothing to do: the OS pages memory-mapped bytes in on demand."""
 
     def release(self, names: list[str]) -> None:
-        """Nothing to do: clean mmap pages are dropped by the OS under pressure."""
+        """Unmap the shards holding `names`: touched mmap pages count in RSS for as long as the
+        mapping lives, so keeping it would make peak RSS grow with the layers read. A later `get`
+        maps the shard again (cheap: the header is re-read, no weight bytes)."""
+        for name in names:
+            where = self._where.get(name)
+            if where is not None:
+                self._handles.pop(where, None)
 
     def aux_files(self) -> list[str]:
         return [f for f in AUX_FILES if (self.folder / f).is_file()]
