@@ -108,9 +108,11 @@ def load_config(cfg: dict | str | Path | MergeConfig, origin: str | None = None)
         origin = str(path)
     else:
         data = cfg
-    origin = origin or "config"
     if not isinstance(data, dict):
-        raise BmmError(f"{origin}: expected a mapping at the top level")
+        raise BmmError(f"{origin or 'config'}: expected a mapping at the top level")
+    if isinstance(cfg, (str, Path)):
+        data = _resolve_calibration_paths(data, Path(cfg).resolve().parent)
+    origin = origin or "config"
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as e:
@@ -120,3 +122,19 @@ def load_config(cfg: dict | str | Path | MergeConfig, origin: str | None = None)
             msg = err["msg"].removeprefix("Value error, ")
             parts.append(f"{loc}: {msg}")
         raise BmmError(f"{origin}: " + "; ".join(parts)) from None
+
+
+def _resolve_calibration_paths(data: dict, base_dir: Path) -> dict:
+    """Calibration files named relative to the YAML file are made absolute, so a resumed run
+    started from another directory reads the same files."""
+    models = data.get("models")
+    if not isinstance(models, list):
+        return data
+    out = dict(data, models=[])
+    for m in models:
+        if isinstance(m, dict) and isinstance(m.get("calibration"), dict) and "path" in m["calibration"]:
+            p = Path(str(m["calibration"]["path"])).expanduser()
+            if not p.is_absolute():
+                m = dict(m, calibration=dict(m["calibration"], path=str(base_dir / p)))
+        out["models"].append(m)
+    return out

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bmmstream import __version__
+from bmmstream.calibrate import calibrate, module_grams
 from bmmstream.config import DTYPES, MergeConfig, load_config
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, get_method
@@ -75,7 +76,7 @@ def pinned_config(cfg: MergeConfig, sources: Sources) -> dict:
 
     def pin(spec: str, src: TensorSource) -> str:
         if src.revision is None:
-            return spec
+            return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec
         name = spec.removeprefix("hf://").split("@")[0]
         return f"{name}@{src.revision}"
 
@@ -104,6 +105,10 @@ class Job:
     plan: Plan
     method: MergeMethod
     layout: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+
+    @property
+    def needs_grams(self) -> bool:
+        return bool(getattr(self.method, "needs_grams", False))
 
     @property
     def partial(self) -> Path:
@@ -165,7 +170,8 @@ def _unpinned(d: dict) -> dict:
     d = json.loads(json.dumps(d))
 
     def strip(spec: str) -> str:
-        return spec.removeprefix("hf://").split("@")[0] if not Path(spec).exists() else spec
+        p = Path(spec).expanduser()
+        return str(p.resolve()) if p.exists() else spec.removeprefix("hf://").split("@")[0]
 
     d["base_model"] = strip(d["base_model"])
     for m in d["models"]:
@@ -173,7 +179,9 @@ def _unpinned(d: dict) -> dict:
     return d
 
 
-def _unit_inputs(job: Job, names: list[str]) -> tuple[list[ModuleInput], dict[str, torch.Tensor]]:
+def _unit_inputs(
+    job: Job, names: list[str], store: StatsStore | None = None
+) -> tuple[list[ModuleInput], dict[str, torch.Tensor]]:
     """Base and task vectors of one unit in the compute dtype on the device; raw tensors that are
     not floating point (ids, masks) are passed through untouched."""
     by_name = job.plan.by_name()
@@ -186,7 +194,10 @@ def _unit_inputs(job: Job, names: list[str]) -> tuple[list[ModuleInput], dict[st
             continue
         base = raw.to(job.device, dtype)
         deltas = torch.stack([e.get(n).to(job.device, dtype) - base for e in job.sources.experts])
-        inputs.append(ModuleInput(by_name[n], base, deltas))
+        grams = None
+        if store is not None and job.needs_grams and by_name[n].kind == "linear":
+            grams = module_grams(store, n, len(job.sources.experts), job.device, dtype)
+        inputs.append(ModuleInput(by_name[n], base, deltas, grams))
     return inputs, passthrough
 
 
@@ -210,9 +221,9 @@ def _prepass(job: Job, progress: bool) -> None:
 
 
 def _merge_unit(job: Job, names: list[str], store: StatsStore | None) -> dict[str, torch.Tensor]:
-    inputs, passthrough = _unit_inputs(job, names)
+    inputs, passthrough = _unit_inputs(job, names, store)
     method = job.method
-    if store is not None:
+    if store is not None and getattr(method, "uses_statistics", False):
         stats = {}
         for inp in inputs:
             if inp.spec.kind != "linear":
@@ -285,7 +296,10 @@ def execute(job: Job, *, progress: bool = True) -> Path:
         journal=run.journal,
         metadata={"format": "pt", "merged_by": "bmmstream"},
     )
-    store = StatsStore(run.stats) if getattr(job.method, "uses_statistics", False) else None
+    uses_store = getattr(job.method, "uses_statistics", False) or job.needs_grams
+    store = StatsStore(run.stats) if uses_store else None
+    if job.needs_grams:
+        calibrate(job, store, progress)
     keep = bool(job.cfg.parameters.get("keep_statistics", False))
     units = job.plan.units
     bar = tqdm(total=len(job.layout), desc=f"merge ({job.cfg.merge_method})", unit="tensor", disable=not progress)
@@ -310,7 +324,7 @@ def execute(job: Job, *, progress: bool = True) -> Path:
                 records.clear()
             if store is not None and not keep:
                 for n in names:
-                    store.drop(n)
+                    store.drop(n)  # this unit's G and C (calibration Grams stay until the end)
             for s in job.sources.all:
                 s.release(names)
             del merged

@@ -39,6 +39,11 @@ class StatsStore:
         g = self._root[key]
         return {name: torch.from_numpy(np.asarray(arr[...])).to(device) for name, arr in g.arrays()}
 
+    def mark_complete(self, key: str) -> None:
+        """Completion record for a group filled piece by piece (e.g. one expert's Grams)."""
+        g = self._root.require_group(key)
+        g.attrs["complete"] = True
+
     def attrs(self, key: str) -> dict:
         return dict(self._root[key].attrs)
 

@@ -76,6 +76,7 @@ class BMM(MergeMethod):
             raise BmmError("bmm: the anchor cannot be bmm itself")
         self.anchor = get_method(p["anchor"], p["anchor_parameters"] or {}, seed=seed)
         self.needs_prepass = self.anchor.needs_prepass
+        self.needs_grams = p["statistics"] != "data_free" or bool(getattr(self.anchor, "needs_grams", False))
         if p["statistics"] not in STATISTICS:
             raise BmmError(f"bmm: statistics must be one of {list(STATISTICS)}, got {p['statistics']!r}")
         if p["lam"] is not None and "rho" in (params or {}):
@@ -113,9 +114,11 @@ class BMM(MergeMethod):
         kind = self.params["statistics"]
         if kind == "data_free":
             G, C = datafree_stats(inp.deltas)
+        elif inp.grams is None:
+            # linears outside the layer stack (e.g. BERT's pooler) see no calibration input:
+            # they fall back to the data-free statistics
+            G, C = datafree_stats(inp.deltas)
         else:
-            if inp.grams is None:
-                raise BmmError(f"bmm: statistics '{kind}' need calibration Grams for '{inp.spec.name}'")
             grams = inp.grams if kind == "data_assisted" else hybrid_grams(inp.deltas, inp.grams, float(self.params["eps"]))
             G, C = combine(inp.deltas, grams)
         return {"G": G, "C": C}
