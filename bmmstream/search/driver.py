@@ -1,0 +1,336 @@
+"""The outer search loop: ask a point, score it (or take its cached score), tell, record; resumable.
+
+`run_search` knows nothing about models: `evaluate(params) -> float` (higher is better) is given by
+the caller, who applies the point to a resident merged model and scores it. The loop:
+
+1. asks `num_workers` points from the optimiser (nevergrad, or the `grid` / `random` baselines),
+2. for each: replays it from the history (resume), or takes its score from the score cache, or
+   evaluates it (`proxy_evaluate` if given, else `evaluate`), stores the score in the cache at once,
+3. appends the batch to the history in trial order, then tells the optimiser (nevergrad minimises,
+   so it is told -score),
+4. after `budget` trials, when a proxy was used, re-scores the `full_top_k` best distinct points
+   with `evaluate` (phase "final"); the final choice is the best full-fidelity score.
+
+Resume is a deterministic replay: the optimiser is rebuilt with the same seed, asked the same
+sequence and told the recorded scores, so its state after the replay equals the state of an
+uninterrupted run. Each re-asked point is compared with the recorded one; a difference stops the
+search with an error instead of silently diverging.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bmmstream.errors import BmmError
+from bmmstream.search.history import History, ScoreCache, Trial, cache_key
+from bmmstream.search.space import SearchSpace
+
+log = logging.getLogger("bmmstream.search")
+
+BASELINES = ("grid", "random")
+
+
+@dataclass
+class SearchResult:
+    best_params: dict  # the final choice, canonical plain point
+    best_score: float  # its score at `best_fidelity`
+    best_fidelity: str  # "full" (always, when evaluate is the full scorer)
+    best_trial: int  # index of the trial that holds the final choice
+    trials: list[Trial]  # every trial, search phase then final phase
+    search_dir: Path  # <run_dir>/search/<search id>: history.jsonl, meta.json, report files
+    evaluations: int  # evaluations this call actually ran (not replayed, not cached)
+    optimizer: str
+
+
+# -- optimisers with one tiny interface ------------------------------------------------------------
+class _Asker:
+    def ask(self) -> tuple[Any, dict]:
+        raise NotImplementedError
+
+    def tell(self, handle: Any, score: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _GridAsker(_Asker):
+    def __init__(self, space: SearchSpace, budget: int):
+        self.points, self.i = space.grid(budget), 0
+
+    def ask(self):
+        p = self.points[self.i]
+        self.i += 1
+        return None, p
+
+
+class _RandomAsker(_Asker):
+    def __init__(self, space: SearchSpace, seed: int):
+        self.space, self.rng = space, np.random.default_rng(seed)
+
+    def ask(self):
+        return None, self.space.random_point(self.rng)
+
+
+def optimizer_names() -> list[str]:
+    import nevergrad as ng
+
+    return sorted(ng.optimizers.registry)
+
+
+def check_optimizer(name: str) -> None:
+    """BmmError naming close matches when `name` is neither a baseline nor a nevergrad optimiser."""
+    if name in BASELINES:
+        return
+    names = optimizer_names()
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise BmmError(
+        f"search.optimizer: unknown optimizer '{name}'{hint}; use grid, random, or a nevergrad "
+        f"optimizer name such as NGOpt, CMA, BO, TwoPointsDE, RandomSearch"
+    )
+
+
+class _NevergradAsker(_Asker):
+    def __init__(self, space: SearchSpace, name: str, budget: int, seed: int, num_workers: int):
+        import nevergrad as ng
+
+        self.space = space
+        self.opt = ng.optimizers.registry[name](
+            parametrization=space.parametrization(seed), budget=budget, num_workers=num_workers
+        )
+
+    def ask(self):
+        cand = self.opt.ask()
+        return cand, self.space.to_params(cand.value)
+
+    def tell(self, handle, score):
+        self.opt.tell(handle, -score if math.isfinite(score) else math.inf)
+
+    def close(self):
+        _stop_threads(self.opt, set())
+
+
+def _stop_threads(obj: Any, seen: set[int]) -> None:
+    """Stop the background threads of recast (scipy-backed) nevergrad optimisers, which would
+    otherwise block the interpreter's exit while waiting for a tell."""
+    import nevergrad as ng
+
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    thread = getattr(obj, "_messaging_thread", None)
+    if thread is not None:
+        thread.stop()
+    for v in vars(obj).values():
+        for x in v if isinstance(v, (list, tuple)) else (v,):
+            if isinstance(x, ng.optimizers.base.Optimizer):
+                _stop_threads(x, seen)
+
+
+def _make_asker(space, optimizer, budget, seed, num_workers) -> _Asker:
+    if optimizer == "grid":
+        return _GridAsker(space, budget)
+    if optimizer == "random" or space.dimension == 0:  # nothing to search: every ask is the one point
+        return _RandomAsker(space, seed)
+    return _NevergradAsker(space, optimizer, budget, seed, num_workers)
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+def _search_id(meta: dict) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{meta['optimizer']}-seed{meta['seed']}-budget{meta['budget']}-{h}"
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class _Scorer:
+    """Cache-aware evaluation at one fidelity; counts the evaluations it runs."""
+
+    def __init__(self, fn: Callable[[dict], float], fidelity: str, scorer_id: str, data_hash: str,
+                 context: str, cache: ScoreCache):
+        self.fn, self.fidelity, self.scorer_id = fn, fidelity, scorer_id
+        self.data_hash, self.context, self.cache = data_hash, context, cache
+        self.evaluations = 0
+
+    def key(self, params: dict) -> str:
+        return cache_key(params, self.scorer_id, self.data_hash, self.context)
+
+    def run(self, params: dict) -> tuple[float, float]:
+        """Evaluate for real (no cache lookup); store the score in the cache at once."""
+        t0 = time.perf_counter()
+        raw = self.fn(params)
+        try:
+            score = float(raw)
+        except (TypeError, ValueError):
+            raise BmmError(f"search: the {self.fidelity} scorer returned {raw!r}, expected a number") from None
+        seconds = time.perf_counter() - t0
+        self.evaluations += 1
+        self.cache.put(self.key(params), score, fidelity=self.fidelity, scorer=self.scorer_id, seconds=seconds)
+        return score, seconds
+
+
+def _score_batch(
+    points: list[tuple[int, str, dict]], scorer: _Scorer, history: History, pool
+) -> list[Trial]:
+    """Trials for (index, phase, params): replayed from history, cached, or evaluated (in parallel
+    when a pool is given). History records are appended in index order."""
+    out: dict[int, Trial] = {}
+    todo: dict[str, list[tuple[int, str, dict]]] = {}
+    for idx, phase, params in points:
+        if idx < len(history):
+            rec = history.trials[idx]
+            if rec.params != params or rec.phase != phase or rec.fidelity != scorer.fidelity:
+                raise BmmError(
+                    f"search resume: trial {idx} re-asked {phase} point {params} at {scorer.fidelity} fidelity, "
+                    f"but the history in {history.log.path} recorded {rec.phase} point {rec.params} at "
+                    f"{rec.fidelity} fidelity; the optimiser did not replay deterministically "
+                    f"(different nevergrad version?) - start a new run directory"
+                )
+            out[idx] = rec
+            continue
+        key = scorer.key(params)
+        score = scorer.cache.get(key)
+        if score is not None:
+            out[idx] = Trial(idx, phase, params, scorer.fidelity, score, 0.0, cached=True, key=key)
+        else:
+            todo.setdefault(key, []).append((idx, phase, params))
+    groups = list(todo.items())
+    if pool is not None and len(groups) > 1:
+        results = list(pool.map(lambda g: scorer.run(g[1][0][2]), groups))
+    else:
+        results = [scorer.run(g[1][0][2]) for g in groups]
+    for (key, members), (score, seconds) in zip(groups, results):
+        for n, (idx, phase, params) in enumerate(members):  # duplicates in one batch: evaluated once
+            out[idx] = Trial(idx, phase, params, scorer.fidelity, score, seconds if n == 0 else 0.0,
+                             cached=n > 0, key=key)
+    trials = [out[idx] for idx, _, _ in points]
+    for t in trials:
+        if t.trial == len(history):
+            history.append(t)
+    return trials
+
+
+def _rank_key(t: Trial) -> tuple:
+    return (-(t.score if math.isfinite(t.score) else -math.inf), t.trial)
+
+
+def run_search(
+    space: SearchSpace,
+    evaluate: Callable[[dict], float],
+    *,
+    optimizer: str = "NGOpt",
+    budget: int,
+    seed: int = 0,
+    run_dir: str | Path,
+    proxy_evaluate: Callable[[dict], float] | None = None,
+    full_top_k: int = 3,
+    num_workers: int = 1,
+    scorer_id: str = "full",
+    proxy_scorer_id: str = "proxy",
+    data_hash: str = "",
+    context: str = "",
+    write_report: bool = True,
+) -> SearchResult:
+    """Maximise `evaluate(point)` over `space` with `budget` trials; resumable from `run_dir`.
+
+    - optimizer: "grid" (one shared damping on a log grid of `budget` points, scale 1.0), "random"
+      (seeded uniform / log-uniform sampling) or any key of `nevergrad.optimizers.registry`.
+    - proxy_evaluate: a cheap scorer used for every search trial; then the `full_top_k` best distinct
+      points are re-scored with `evaluate` and the final choice is the best full score.
+    - scorer_id / proxy_scorer_id / data_hash / context: identify what a score means; they key the
+      score cache (`<run_dir>/search/scores.jsonl`) and the search's directory, so change them when
+      the scorer, its data, or the models being merged change.
+    - num_workers > 1 evaluates batches in a thread pool: only for thread-safe evaluate functions
+      (not for one resident model updated in place).
+    """
+    if not isinstance(budget, int) or budget < 1:
+        raise BmmError(f"search.budget must be an integer >= 1, got {budget!r}")
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise BmmError(f"search.num_workers must be an integer >= 1, got {num_workers!r}")
+    if full_top_k < 0:
+        raise BmmError(f"search.full_top_k must be >= 0, got {full_top_k}")
+    check_optimizer(optimizer)
+    use_proxy = proxy_evaluate is not None
+    meta = {
+        "optimizer": optimizer, "budget": budget, "seed": seed, "num_workers": num_workers,
+        "space": space.signature(), "scorer_id": scorer_id, "data_hash": data_hash, "context": context,
+        "proxy_scorer_id": proxy_scorer_id if use_proxy else None,
+        "full_top_k": full_top_k if use_proxy else 0,
+    }
+    root = Path(run_dir) / "search"
+    search_dir = root / _search_id(meta)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(search_dir / "meta.json", meta)
+    cache = ScoreCache(root / "scores.jsonl")
+    history = History(search_dir / "history.jsonl")
+    full = _Scorer(evaluate, "full", scorer_id, data_hash, context, cache)
+    proxy = _Scorer(proxy_evaluate, "proxy", proxy_scorer_id, data_hash, context, cache) if use_proxy else full
+    if len(history):
+        log.info("search %s: resuming after %d recorded trials", search_dir.name, len(history))
+
+    asker = _make_asker(space, optimizer, budget, seed, num_workers)
+    pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 1 else None
+    try:
+        search_trials: list[Trial] = []
+        while len(search_trials) < budget:
+            n = min(num_workers, budget - len(search_trials))
+            asked = [asker.ask() for _ in range(n)]
+            start = len(search_trials)
+            points = [(start + j, "search", params) for j, (_, params) in enumerate(asked)]
+            batch = _score_batch(points, proxy, history, pool)
+            for (handle, _), t in zip(asked, batch):
+                asker.tell(handle, t.score)
+                log.info("trial %d/%d %s score %.6g%s", t.trial + 1, budget, t.fidelity, t.score,
+                         " (cached)" if t.cached else "")
+            search_trials.extend(batch)
+    finally:
+        asker.close()
+
+    try:
+        final_trials: list[Trial] = []
+        if use_proxy and full_top_k > 0:
+            ranked, seen = [], set()
+            for t in sorted(search_trials, key=_rank_key):
+                k = json.dumps(t.params, sort_keys=True)
+                if k not in seen and math.isfinite(t.score):
+                    seen.add(k)
+                    ranked.append(t)
+            points = [(budget + r, "final", t.params) for r, t in enumerate(ranked[:full_top_k])]
+            final_trials = _score_batch(points, full, history, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+    candidates = final_trials if use_proxy and full_top_k > 0 else search_trials
+    finite = [t for t in candidates if math.isfinite(t.score)]
+    if not finite:
+        raise BmmError(f"search {search_dir.name}: no trial gave a finite score")
+    best = min(finite, key=_rank_key)
+    result = SearchResult(
+        best_params=best.params, best_score=best.score, best_fidelity=best.fidelity, best_trial=best.trial,
+        trials=list(history.trials), search_dir=search_dir,
+        evaluations=full.evaluations + (proxy.evaluations if use_proxy else 0), optimizer=optimizer,
+    )
+    if write_report:
+        from bmmstream.search.report import write_report as _write
+
+        _write(result)
+    return result

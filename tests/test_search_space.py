@@ -1,0 +1,119 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bmmstream.errors import BmmError
+from bmmstream.search.space import SEARCH_GROUPS, SearchSpace, canonical, params_key, round_sig
+
+
+def test_round_sig_and_canonical_are_stable():
+    assert round_sig(0.010000000000000004) == 0.01
+    assert round_sig(1.23456789) == 1.23457
+    assert round_sig(1.23456789e-5) == 1.23457e-5
+    p = {"blocks": ({"scale": 1.0000001, "rho": {"attn_in": np.float64(0.1234567)}},), "eps": 0.3333333333}
+    c = canonical(p)
+    assert c == {"blocks": [{"scale": 1.0, "rho": {"attn_in": 0.123457}}], "eps": 0.333333}
+    assert canonical(c) == c  # idempotent
+    assert json.loads(json.dumps(c)) == c  # JSON round trip exact
+    assert params_key(p) == params_key(json.loads(json.dumps(c)))
+
+
+def test_parametrization_value_maps_to_plain_form():
+    sp = SearchSpace(3, hybrid=True)
+    param = sp.parametrization(seed=0)
+    assert param.dimension == 3 * 5 + 1 == sp.dimension
+    point = sp.to_params(param.value)
+    assert len(point["blocks"]) == 3
+    for b in point["blocks"]:
+        assert set(b) == {"scale", "rho"}
+        assert set(b["rho"]) == set(SEARCH_GROUPS)
+        assert 1.0 <= b["scale"] <= 1.3
+        assert b["rho"]["attn_in"] == pytest.approx(1e-2)  # nevergrad starts at the geometric middle
+    assert point["eps"] == 0.5
+    # a mutated sample stays inside the bounds
+    child = param.spawn_child()
+    child.mutate()
+    q = sp.to_params(child.value)
+    for b in q["blocks"]:
+        assert 1.0 <= b["scale"] <= 1.3 and all(1e-4 <= v <= 1.0 for v in b["rho"].values())
+
+
+def test_absolute_lam_uses_lam_key_and_fixed_ranges_are_constants():
+    sp = SearchSpace(1, scale_range=(1.0, 1.0), rho_range=(0.5, 2.0), lam_mode="absolute")
+    assert sp.dimension == 4
+    point = sp.to_params(sp.parametrization(0).value)
+    assert point["blocks"][0]["scale"] == 1.0
+    assert set(point["blocks"][0]) == {"scale", "lam"}
+    assert "eps" not in point
+
+
+def test_grid_is_log_spaced_and_shared():
+    sp = SearchSpace(2, rho_range=(1e-4, 1.0))
+    pts = sp.grid(5)
+    rhos = [p["blocks"][0]["rho"]["attn_in"] for p in pts]
+    assert rhos == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    for p in pts:
+        vals = {v for b in p["blocks"] for v in b["rho"].values()}
+        assert len(vals) == 1
+        assert all(b["scale"] == 1.0 for b in p["blocks"])
+    assert sp.grid(1)[0]["blocks"][0]["rho"]["mlp_out"] == pytest.approx(1e-2)
+    # the grid scale is 1.0 clipped into the scale range
+    assert SearchSpace(1, scale_range=(1.1, 1.3)).grid(2)[0]["blocks"][0]["scale"] == 1.1
+
+
+def test_random_points_seeded_and_in_range():
+    sp = SearchSpace(2, hybrid=True)
+    a = [sp.random_point(np.random.default_rng(7)) for _ in range(1)]
+    b = [sp.random_point(np.random.default_rng(7)) for _ in range(1)]
+    assert a == b
+    rng = np.random.default_rng(0)
+    logs = []
+    for _ in range(400):
+        p = sp.random_point(rng)
+        assert 0 <= p["eps"] <= 1
+        for blk in p["blocks"]:
+            assert 1.0 <= blk["scale"] <= 1.3
+            logs += [math.log10(v) for v in blk["rho"].values()]
+    # log-uniform on [1e-4, 1]: mean of log10 is -2, each decade gets about a quarter
+    assert abs(np.mean(logs) + 2) < 0.1
+    counts = np.histogram(logs, bins=[-4, -3, -2, -1, 0])[0] / len(logs)
+    assert np.all(np.abs(counts - 0.25) < 0.04)
+
+
+def test_bmm_parameters_shape():
+    sp = SearchSpace(2, hybrid=True)
+    p = sp.random_point(np.random.default_rng(1))
+    bp = sp.to_bmm_parameters(p)
+    assert bp["blocks"] == 2 and bp["eps"] == p["eps"]
+    assert bp["rho"][1] == p["blocks"][1]["rho"] and bp["scale"] == [b["scale"] for b in p["blocks"]]
+
+
+def test_from_config_and_errors():
+    sp = SearchSpace.from_config({"rho_range": [1e-3, 0.1], "scale_range": [1.0, 1.2]}, num_blocks=2)
+    assert sp.rho_range == (1e-3, 0.1) and sp.scale_range == (1.0, 1.2) and sp.lam_mode == "relative"
+    assert SearchSpace.from_config({"lam_range": [0.1, 10]}, num_blocks=1).lam_mode == "absolute"
+    with pytest.raises(BmmError, match=r"^search: give rho_range \(relative lam\) or lam_range"):
+        SearchSpace.from_config({"rho_range": [1e-3, 1], "lam_range": [1, 2]}, num_blocks=1)
+    with pytest.raises(BmmError, match=r"^search.rho_range must be positive .* got \[0.0, 1.0\]$"):
+        SearchSpace(1, rho_range=(0.0, 1.0))
+    with pytest.raises(BmmError, match=r"^search.scale_range must satisfy low <= high \(finite\), got \[1.3, 1.0\]$"):
+        SearchSpace(1, scale_range=(1.3, 1.0))
+    with pytest.raises(BmmError, match=r"^search.rho_range must be a pair \[low, high\] of numbers, got 'abc'$"):
+        SearchSpace(1, rho_range="abc")
+    with pytest.raises(BmmError, match=r"^search.eps_range must lie within \[0.0, 1.0\]"):
+        SearchSpace(1, hybrid=True, eps_range=(0.0, 2.0))
+    with pytest.raises(BmmError, match=r"^search space: blocks must be an integer >= 1, got 0$"):
+        SearchSpace(0)
+
+
+def test_validate_point():
+    sp = SearchSpace(1)
+    good = sp.grid(1)[0]
+    assert sp.validate(good) == good
+    with pytest.raises(BmmError, match=r"^search point: 2 blocks given, the space has 1$"):
+        sp.validate({"blocks": good["blocks"] * 2})
+    bad = {"blocks": [{"scale": 1.0, "rho": {"attn_in": 0.1}}]}
+    with pytest.raises(BmmError, match=r"lacks group\(s\) \['attn_out', 'mlp_in', 'mlp_out'\]"):
+        sp.validate(bad)
