@@ -54,7 +54,7 @@ class MergeConfig(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str = "float32"  # compute and statistics dtype
     out_dtype: str | None = None  # default: the base model's dtype
-    shard_size: int | str = "5GB"
+    shard_size: int | str = 5_000_000_000  # bytes, or "5GB" / "500MiB"
     seed: int = 0
     max_disk: int | str | None = None  # Hub streaming: downloaded bytes held on disk at once
     search: dict[str, Any] | None = None

@@ -61,6 +61,7 @@ def regmean_task_vector(deltas: torch.Tensor, grams: torch.Tensor, alpha: float)
 class RegMean(MergeMethod):
     name = "regmean"
     defaults = {"alpha": 0.9}
+    needs_grams = True  # the pipeline runs the calibration stage first
 
     def __init__(self, params: dict | None = None, *, seed: int = 0):
         super().__init__(params, seed=seed)
