@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -94,6 +95,22 @@ def test_budget_smaller_than_one_expert(hub, tiny_llama_suite, tmp_path):
     assert list((tmp_path / "spool").glob("*/*")) == []  # consumed bytes were evicted
     src.close()
     assert list((tmp_path / "spool").iterdir()) == []  # spool folder removed
+
+
+def test_spool_left_by_a_killed_process_is_removed(hub, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "spool" / f"bmm-hub-spool-{int(dead.stdout)}-abc"
+    stale.mkdir(parents=True)
+    (stale / "x.bin").write_bytes(b"0" * 100)
+    alive = tmp_path / "spool" / f"bmm-hub-spool-{os.getppid()}-def"  # a live process: kept
+    alive.mkdir()
+    src = _open("org/base", tmp_path, max_disk=10**6)
+    src.prefetch(list(src.tensor_infos())[:1])
+    assert not stale.exists() and alive.is_dir()
+    src.close()
 
 
 def test_shared_budget_bounds_all_sources_together(hub, tiny_llama_suite, tmp_path):

@@ -271,7 +271,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.hub  # type: ignore[attr-defined]
 
     # ---- plumbing ----
-    def _send_json(self, status: int, obj, extra: dict | None = None) -> None:
+    def _send_json(self, status: int, obj, extra: dict | None = None, count: bool = True) -> None:
         body = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -280,8 +280,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
+            if count:
+                self.hub.add_bytes(len(body))  # counted before the write so a client never sees it uncounted
             self.wfile.write(body)
-            self.hub.add_bytes(len(body))
 
     def _send_error(self, err: HubError) -> None:
         extra = {"X-Error-Message": err.message}
@@ -322,20 +323,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _control(self, path: str) -> None:
         try:
             if path == "/_control/stats":
-                return self._send_json(200, self.hub.snapshot())
+                return self._send_json(200, self.hub.snapshot(), count=False)
             if path == "/_control/faults":
                 body = self._read_body()
                 if self.command == "POST":
                     self.hub.set_faults(**json.loads(body or b"{}"))
                 with self.hub.lock:
-                    return self._send_json(200, asdict(self.hub.faults))
+                    faults = asdict(self.hub.faults)
+                return self._send_json(200, faults, count=False)
             if path == "/_control/reset":
                 self._read_body()
                 self.hub.reset()
-                return self._send_json(200, {"ok": True})
+                return self._send_json(200, {"ok": True}, count=False)
             raise HubError(404, None, "unknown control endpoint")
-        except ValueError as e:
-            self._send_json(400, {"error": str(e)})
+        except (ValueError, TypeError) as e:
+            self._send_json(400, {"error": str(e)}, count=False)
         except HubError as e:
             self._send_error(e)
 
@@ -447,6 +449,8 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         body_faults = self.command == "GET" and fnmatch(rel.rsplit("/", 1)[-1], self.hub.faults.body_glob)
         if rng:
+            with self.hub.lock:
+                self.hub.stats.range_requests += 1
             m = _RANGE_RE.match(rng.strip())
             if not m or (m.group(1) == "" and m.group(2) == ""):
                 raise HubError(416, None, "Invalid range")
@@ -462,8 +466,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             status = 206
-            with self.hub.lock:
-                self.hub.stats.range_requests += 1
             if body_faults and end - start >= 2 and self.hub.take("ignore_range"):
                 start, end, status = 0, size, 200
         length = end - start
@@ -505,13 +507,14 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 if corrupt:
                     chunk = chunk.translate(_FLIP)
+                self.hub.add_bytes(len(chunk))  # before the write: see _send_json
                 try:
                     self.wfile.write(chunk)
                 except (BrokenPipeError, ConnectionResetError):
+                    self.hub.add_bytes(-len(chunk))
                     self.close_connection = True
                     return
                 sent += len(chunk)
-                self.hub.add_bytes(len(chunk))
                 if bw:
                     ahead = sent / bw - (time.perf_counter() - t0)
                     if ahead > 0:

@@ -56,6 +56,7 @@ HEADER_PROBE = 100_000  # first range read; most headers fit (huggingface_hub us
 CHUNK = 1 << 20
 MAX_REQUEST_BYTES = 256 << 20  # one coalesced range request at most
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+SPOOL_PREFIX = "bmm-hub-spool-"
 _SPEC_RE = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.\-]*)/([A-Za-z0-9][\w.\-]*)(?:@(.+))?$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -123,6 +124,27 @@ def _is_transient(e: BaseException) -> bool:
             return True  # huggingface_hub's own size check of a download (a truncated body)
         e = e.__cause__ or e.__context__
     return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove_stale_spools(root: Path) -> None:
+    """Spool folders left by a killed process still hold bytes on disk: remove them (the budget is
+    about what is on disk, and a resumed run starts a fresh spool)."""
+    if not root.is_dir():
+        return
+    for d in root.glob(f"{SPOOL_PREFIX}*"):
+        pid = d.name[len(SPOOL_PREFIX):].split("-")[0]
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _tensor_from(buf: bytearray, info: TensorInfo) -> torch.Tensor:
@@ -492,7 +514,8 @@ class HubSource:
                 if n not in self._state and n not in self._queue:
                     self._queue[n] = None
             if self._spool is None:
-                self._spool = self._spool_root / f"bmm-hub-spool-{uuid.uuid4().hex[:12]}"
+                _remove_stale_spools(self._spool_root)
+                self._spool = self._spool_root / f"{SPOOL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
                 self._spool.mkdir(parents=True, exist_ok=True)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name=f"prefetch {self.repo_id}", daemon=True)
