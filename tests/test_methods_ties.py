@@ -149,3 +149,15 @@ def test_per_tensor_keeps_at_least_one_entry_like_mergekit():
     m = get_method("ties", {"density": 0.2, "threshold": "per_tensor"})  # int(0.6) = 0 -> keep 1
     trimmed = m.trim(_inp("n", d, kind="vector"))
     assert torch.equal(trimmed, torch.tensor([[0, -2.0, 0], [0, 0, -0.3]], dtype=torch.float64))
+
+
+def test_zero_mass_sign_per_mode():
+    # column 0 cancels exactly; the other columns vote negative
+    d = torch.tensor([[1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    # mergekit (per_tensor): zero mass -> +1, so column 0 keeps the +1 entry
+    assert torch.equal(elect_and_mean(d, "positive"), torch.tensor([1.0, -1.5, -2.0], dtype=torch.float64))
+    pt = get_method("ties", {"density": 1.0, "threshold": "per_tensor"})
+    assert torch.equal(pt.merge(_inp("w", d)), torch.tensor([1.0, -1.5, -2.0], dtype=torch.float64))
+    gl = get_method("ties", {"density": 1.0})
+    gl.prepass_observe(_inp("w", d))
+    assert torch.equal(gl.merge(_inp("w", d)), torch.tensor([-1.0, -1.5, -2.0], dtype=torch.float64))

@@ -17,9 +17,11 @@ Threshold (`threshold`):
   per task, the largest by magnitude (the argsort rule of mergekit 0.1.5's `magnitude` sparsification).
 Every tensor kind (2-D, embeddings, vectors) is merged by the same rule, as in the reference and mergekit.
 
-Sign election: sign of the sum of the trimmed values; where that sum is exactly 0 the reference
-uses the majority sign over the whole model, here the majority over the tensor (+1 if that is 0
-too): it only matters for exact cancellations.
+Sign election: sign of the sum of the trimmed values. Where that sum is exactly 0 (exact
+cancellations, common when bf16 checkpoints put deltas on a coarse grid): with threshold "global"
+the reference's rule, the majority sign, taken over the tensor rather than the whole model (+1 if
+that is 0 too); with "per_tensor" mergekit's rule, +1. (Measured: on a bf16 suite the two rules
+differ in a few entries per tensor, which is why each mode follows its own source.)
 """
 from __future__ import annotations
 
@@ -33,11 +35,16 @@ from bmmstream.methods.registry import MergeMethod, ModuleInput, register
 THRESHOLDS = ("global", "per_tensor")
 
 
-def elect_and_mean(trimmed: torch.Tensor) -> torch.Tensor:
-    """Sign election by mass and disjoint mean over the task axis 0 of trimmed task vectors."""
+def elect_and_mean(trimmed: torch.Tensor, zero_sign: str = "majority") -> torch.Tensor:
+    """Sign election by mass and disjoint mean over the task axis 0 of trimmed task vectors.
+
+    Where the mass is exactly 0: "majority" takes the majority of the elected signs over the tensor
+    (the reference's rule, over the tensor instead of the model), "positive" takes +1 (mergekit)."""
     sign = torch.sign(trimmed.sum(0))
     zero = sign == 0
-    if bool(zero.any()):
+    if zero_sign == "positive":
+        sign = torch.where(zero, torch.ones_like(sign), sign)
+    elif bool(zero.any()):
         majority = torch.sign(sign.sum())
         sign = torch.where(zero, majority if majority != 0 else torch.ones_like(majority), sign)
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
@@ -144,4 +151,5 @@ class Ties(MergeMethod):
         return trim_by_threshold(deltas, taus)
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
-        return float(self.params["scale"]) * elect_and_mean(self.trim(inp))
+        zero_sign = "positive" if self.params["threshold"] == "per_tensor" else "majority"
+        return float(self.params["scale"]) * elect_and_mean(self.trim(inp), zero_sign)
