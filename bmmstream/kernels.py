@@ -31,11 +31,16 @@ def add_magnitude_histogram(x: torch.Tensor, counts: np.ndarray) -> None:
     xf = x.detach().reshape(-1).to(torch.float32)
     if xf.device.type != "cpu":
         # On an accelerator a bincount there beats copying the tensor back.
-        idx = (xf.view(torch.int32) & 0x7FFFFFFF) >> SHIFT
-        counts += torch.bincount(idx, minlength=NUM_BINS).cpu().numpy()
+        add_magnitude_histogram_torch(xf, counts)
         return
     bits = xf.contiguous().numpy().view(np.uint32)
     _hist_bits(bits, counts, SHIFT)
+
+
+def add_magnitude_histogram_torch(xf: torch.Tensor, counts: np.ndarray) -> None:
+    """The same histogram with torch ops on the tensor's device (float32 input)."""
+    idx = ((xf.contiguous().view(torch.int32) & 0x7FFFFFFF) >> SHIFT).to(torch.int64)
+    counts += torch.bincount(idx, minlength=NUM_BINS).cpu().numpy()
 
 
 def bin_lower_edge(b: int) -> float:

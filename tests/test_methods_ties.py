@@ -161,3 +161,16 @@ def test_zero_mass_sign_per_mode():
     gl = get_method("ties", {"density": 1.0})
     gl.prepass_observe(_inp("w", d))
     assert torch.equal(gl.merge(_inp("w", d)), torch.tensor([-1.0, -1.5, -2.0], dtype=torch.float64))
+
+
+def test_torch_histogram_path_equals_numba_kernel():
+    # the accelerator path (torch.bincount) must count exactly like the numba kernel
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, generator=g) * torch.logspace(-30, 10, 5000)
+    x[:10] = 0.0
+    x[10] = float("inf")
+    a = np.zeros(kernels.NUM_BINS, dtype=np.int64)
+    b = np.zeros(kernels.NUM_BINS, dtype=np.int64)
+    kernels.add_magnitude_histogram(x, a)
+    kernels.add_magnitude_histogram_torch(x, b)
+    assert a.sum() == 5000 and np.array_equal(a, b)
