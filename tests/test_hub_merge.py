@@ -119,6 +119,35 @@ def test_hub_merge_with_faults(hub, local_merge, tiny_llama_suite, tmp_path, rec
     assert sum(s.retries for s in recorded) >= injected["error_500"]
 
 
+def test_hub_merge_with_token_keeps_it_out_of_every_file(tiny_llama_suite, local_merge, tmp_path, hub_env, monkeypatch):
+    from hub_fixtures import load_server_module, serve_suite
+
+    secret = "hf_mergeSECRET987"
+    root = tmp_path / "private"
+    serve_suite(root, tiny_llama_suite)
+    with load_server_module().HubServer(root, token=secret) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        monkeypatch.setenv("HF_TOKEN", secret)
+        out = bmmstream.merge(_config(HUB_SPECS[0], HUB_SPECS[1:]), out=tmp_path / "hub",
+                              run_dir=tmp_path / "run-hub", device="cpu", progress=False)
+    assert _weights_digest(out) == local_merge
+    for p in [*(tmp_path / "run-hub").rglob("*"), *out.rglob("*"), *hub_env.rglob("*")]:
+        if p.is_file():
+            assert secret.encode() not in p.read_bytes(), p
+
+
+def test_cli_max_disk_flag(hub, hub_env, local_merge, tiny_llama_suite, tmp_path):
+    limit = _one_expert_bytes(tiny_llama_suite.experts[0]) // 3
+    (tmp_path / "c.yaml").write_text(json.dumps(_config(HUB_SPECS[0], HUB_SPECS[1:])))
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub_env)}
+    r = subprocess.run([sys.executable, "-m", "bmmstream.cli", "merge", str(tmp_path / "c.yaml"), "--out",
+                        str(tmp_path / "o"), "--run-dir", str(tmp_path / "r"), "--no-progress",
+                        "--max-disk", str(limit)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _weights_digest(tmp_path / "o") == local_merge
+    assert hub.snapshot()["range_requests"] > 4  # tensors came over range reads, not from a cache
+
+
 def _broken_repo(root: Path) -> None:
     broken = root / "org" / "noweights"
     broken.mkdir(parents=True)

@@ -325,3 +325,14 @@ def test_offline_mode_works_from_the_cache(hub, hub_env, tiny_llama_suite, tmp_p
         f"Hub repo 'org/expert_1' at revision {rev1}: no model.safetensors or model.safetensors.index.json "
         f"in the Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1)"
     )
+
+
+def test_corrupt_header_is_a_clear_error(hub, tmp_path):
+    hub.set_faults(corrupt=1)  # every byte of the header probe flipped: wrong content
+    with pytest.raises(BmmError) as e:
+        _open("org/base", tmp_path)
+    assert re.fullmatch(
+        r"Hub repo 'org/base' at revision [0-9a-f]{40}, file 'model.safetensors': corrupt safetensors header "
+        r"\(declared header length \d+ does not fit in a \d+-byte file\)",
+        str(e.value),
+    ), str(e.value)

@@ -38,6 +38,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
@@ -233,7 +234,7 @@ class HubSource:
             return e
         status = _http_status(e)
         repo = self.repo_id
-        if isinstance(e, OfflineModeIsEnabled) or "offline mode" in str(e).lower():
+        if isinstance(e, OfflineModeIsEnabled) or (self.offline and isinstance(e, LocalEntryNotFoundError)):
             return BmmError(f"{self._where(filename)}: not in the Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1)")
         if isinstance(e, GatedRepoError) or isinstance(e.__cause__, GatedRepoError):
             return BmmError(f"Hub repo '{repo}': access denied (HTTP 403, gated repo): accept its terms with the account of your token")
