@@ -80,3 +80,13 @@ def test_parameters():
         get_method("dare", {"p": 0.2, "density": 0.5})
     with pytest.raises(BmmError, match="combine must be one of"):
         get_method("dare", {"combine": "mean"})
+
+
+def test_mergekit_names():
+    d = _deltas(11)
+    a = get_method("dare_ties", {"density": 0.5}, seed=2).merge(_inp("w", d))
+    b = get_method("dare", {"density": 0.5, "combine": "ties"}, seed=2).merge(_inp("w", d))
+    assert torch.equal(a, b)
+    a = get_method("dare_linear", {"density": 0.5}, seed=2).merge(_inp("w", d))
+    b = get_method("dare", {"density": 0.5}, seed=2).merge(_inp("w", d))
+    assert torch.equal(a, b)

@@ -10,6 +10,7 @@ Each entry of each task vector is kept with probability `density` = 1 - p and re
   Differences from mergekit 0.1.5: it rescales each dropped tensor to keep its L1 norm rather than by
   1/density (the paper's rule, used here), and its dare_ties sums the agreeing entries unless
   `normalize: true`.
+Registered as `dare` and under mergekit's names `dare_linear` / `dare_ties` (combine preset).
 Give either `density` (mergekit style) or `p` (the paper's drop rate). Defaults: p = 0.9 (the
 paper's headline setting; its LLM merge scripts also use 0.2, so set it for your models), scale 1.0
 (the reference's scaling_coefficient). Every tensor kind is treated alike, like the reference
@@ -91,3 +92,19 @@ class Dare(MergeMethod):
         else:
             merged = sparse.sum(0)
         return float(self.params["scale"]) * merged
+
+
+@register
+class DareLinear(Dare):
+    """mergekit's name for DARE + task arithmetic (`combine: task_arithmetic`)."""
+
+    name = "dare_linear"
+    defaults = {**Dare.defaults, "combine": "task_arithmetic"}
+
+
+@register
+class DareTies(Dare):
+    """mergekit's name for DARE + TIES election and disjoint mean (`combine: ties`)."""
+
+    name = "dare_ties"
+    defaults = {**Dare.defaults, "combine": "ties"}
