@@ -336,3 +336,31 @@ def test_corrupt_header_is_a_clear_error(hub, tmp_path):
         r"\(declared header length \d+ does not fit in a \d+-byte file\)",
         str(e.value),
     ), str(e.value)
+
+
+def test_get_does_not_wait_for_budget_only_the_caller_can_free(hub, tiny_llama_suite, tmp_path):
+    """Budget for one tensor; A spooled and not consumed; B queued behind it is fetched by get() itself."""
+    import threading
+    import time
+
+    src = _open("org/base", tmp_path)
+    layer0 = [n for n in src.tensor_infos() if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
+    a, b = sorted(layer0, key=lambda n: src._loc[n][1])[:2]  # first two in file order
+    sizes = src.tensor_infos()
+    src.close()
+    src = _open("org/base", tmp_path, max_disk=max(sizes[a].nbytes, sizes[b].nbytes))
+    assert sizes[a].nbytes + sizes[b].nbytes > src.budget.limit
+    src.prefetch([a, b])
+    deadline = time.time() + 20
+    while not src._worker_blocked and time.time() < deadline:  # A spooled, the worker waits for room for B
+        time.sleep(0.01)
+    assert src._worker_blocked
+    got = {}
+    t = threading.Thread(target=lambda: got.update(b=src.get(b)))
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "get() hung waiting for budget"
+    local = LocalSource(tiny_llama_suite.base)
+    assert torch.equal(got["b"], local.get(b)) and torch.equal(src.get(a), local.get(a))
+    assert src.high_water_bytes == sizes[a].nbytes  # only A was ever spooled
+    src.close()
