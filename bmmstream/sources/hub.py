@@ -441,7 +441,8 @@ class HubSource:
                         r.read()
                         hf_raise_for_status(r)
                     cr = r.headers.get("Content-Range", "")
-                    if r.status_code != 206 or not cr.startswith(f"bytes {pos}-{end - 1}/"):
+                    whole = r.status_code == 200 and pos == 0 and end == self._files.get(fn, -1)
+                    if not whole and (r.status_code != 206 or not cr.startswith(f"bytes {pos}-{end - 1}/")):
                         raise _Transient(
                             f"asked for bytes {pos}-{end - 1}, got HTTP {r.status_code} {cr or 'without Content-Range'}"
                         )
