@@ -47,3 +47,17 @@ def plan_merge(config: dict | str | Path | MergeConfig, device: str = "auto") ->
     from bmmstream.estimate import plan_report
 
     return plan_report(config, device=device)
+
+
+def search_merge(
+    config: dict | str | Path | MergeConfig,
+    out: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Search BMM's per-block hyperparameters on a validation score, then write the best model
+    (`bmm search`). Resumable: the history and score cache live in the run directory."""
+    from bmmstream.search_merge import search_merge as _search
+
+    return _search(config, out=out, run_dir=run_dir, device=device, progress=progress)

@@ -122,6 +122,29 @@ def plan(config: Path = typer.Argument(...), device: str = DeviceOpt, as_json: b
 
 
 @app.command()
+def search(
+    config: Path = typer.Argument(..., help="merge config (YAML) with a search: section"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="best merged model folder (default: RUN_DIR/model)"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory (history, scores, statistics)"),
+    device: str = DeviceOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Search per-block scale and per-group rho on a validation score; write the best model.
+    Rerun the same command to resume a killed search."""
+    from bmmstream.api import search_merge
+
+    try:
+        res = search_merge(config, out=out, run_dir=run_dir, device=device, progress=progress)
+    except BmmError as e:
+        _fail(e)
+    typer.echo(f"best parameters: {json.dumps(res['best_params'], sort_keys=True)}")
+    if res["best_score"] is not None:
+        typer.echo(f"best score: {res['best_score']:.6g}  (evaluations this run: {res['evaluations']})")
+    typer.echo(f"report: {res['report_dir']}")
+    typer.echo(f"merged model: {res['output']}")
+
+
+@app.command()
 def methods():
     """List the registered merge methods."""
     from bmmstream.methods.registry import method_class, method_names

@@ -62,7 +62,9 @@ class Sources:
 def open_sources(cfg: MergeConfig, *, cache_dir: Path | None) -> Sources:
     opts = {}
     if cfg.max_disk is not None:
-        opts["max_disk"] = cfg.max_disk
+        from bmmstream.sources.hub import DiskBudget
+
+        opts["max_disk"] = DiskBudget(cfg.max_disk)  # one budget shared by every Hub input
     if cache_dir is not None:
         opts["cache_dir"] = cache_dir
     base = open_source(cfg.base_model, **opts)

@@ -1,0 +1,133 @@
+"""`bmm search` end to end on a tiny Llama: resident in-place trials agree with the streamed merge
+of the chosen parameters, repeated points cost nothing, a rerun is served from the history."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bmmstream
+from bmmstream.search_merge import search_merge
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCORER = textwrap.dedent(
+    """
+    import json, os, torch
+    CALLS = {"n": 0}
+    TARGET = {}
+    def score(model):
+        CALLS["n"] += 1
+        with open(os.environ["BMM_TEST_CALLS"], "a") as f:
+            f.write("1\\n")
+        sd = model.state_dict()
+        if not TARGET:
+            from safetensors.torch import load_file
+            TARGET.update(load_file(os.environ["BMM_TEST_TARGET"]))
+        return -sum(float((sd[k].double() - v.double()).norm()) for k, v in TARGET.items())
+    """
+)
+
+
+def _cfg(suite, **search):
+    s = {"optimizer": "random", "budget": 6, "seed": 0, "rho_range": [1e-3, 1.0], "scale_range": [1.0, 1.3],
+         "scorer": {"callable": "bmm_test_scorer:score"}, "full_top_k": 2}
+    s.update(search)
+    return {
+        "base_model": str(suite.base),
+        "models": [{"model": str(e)} for e in suite.experts],
+        "merge_method": "bmm",
+        "parameters": {"anchor": "task_arithmetic", "anchor_parameters": {"scale": 0.3}, "rho": 0.01, "blocks": 2},
+        "dtype": "float64",
+        "out_dtype": "float32",
+        "search": s,
+    }
+
+
+@pytest.fixture
+def scorer_env(tmp_path, monkeypatch, tiny_llama_suite):
+    (tmp_path / "bmm_test_scorer.py").write_text(SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("bmm_test_scorer", None)
+    # the target: a merge with known per-block parameters; the search should move towards it
+    target = {
+        "base_model": str(tiny_llama_suite.base), "models": [{"model": str(e)} for e in tiny_llama_suite.experts],
+        "merge_method": "bmm", "dtype": "float64", "out_dtype": "float32",
+        "parameters": {"anchor": "task_arithmetic", "anchor_parameters": {"scale": 0.3}, "blocks": 2,
+                       "rho": [{g: 0.05 for g in ("attn_in", "attn_out", "mlp_in", "mlp_out")}] * 2, "scale": [1.1, 1.1]},
+    }
+    out = bmmstream.merge(target, out=tmp_path / "target", run_dir=tmp_path / "target-run", device="cpu", progress=False)
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    keep = {k: v for k, v in tensors.items() if "layers." in k and k.endswith("proj.weight")}
+    from safetensors.torch import save_file
+
+    save_file(keep, tmp_path / "target.safetensors")
+    monkeypatch.setenv("BMM_TEST_TARGET", str(tmp_path / "target.safetensors"))
+    monkeypatch.setenv("BMM_TEST_CALLS", str(tmp_path / "calls.txt"))
+    return tmp_path
+
+
+def _calls(d: Path) -> int:
+    p = d / "calls.txt"
+    return len(p.read_text().splitlines()) if p.exists() else 0
+
+
+def test_search_writes_the_best_point_as_the_streamed_merge_would(tiny_llama_suite, scorer_env):
+    d = scorer_env
+    cfg = _cfg(tiny_llama_suite)
+    res = search_merge(cfg, out=d / "best", run_dir=d / "run", device="cpu", progress=False)
+    assert res["evaluations"] == _calls(d) and res["evaluations"] >= 6
+    best = res["best_params"]
+    assert len(best["blocks"]) == 2
+    # the written model is exactly an ordinary merge with the reported parameters
+    from bmmstream.search_merge import best_parameters
+
+    plain = dict(cfg)
+    plain.pop("search")
+    plain["parameters"] = best_parameters(best, cfg["parameters"], "rho")
+    ref = bmmstream.merge(plain, out=d / "plain", run_dir=d / "plain-run", device="cpu", progress=False)
+    for f in sorted(p.name for p in ref.glob("*.safetensors")):
+        a, b = load_file(ref / f), load_file(res["output"] / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    # and its score, recomputed from the written files, is the score the search recorded
+    import bmm_test_scorer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(res["output"], torch_dtype=torch.float64)
+    assert bmm_test_scorer.score(model) == pytest.approx(res["best_score"], rel=1e-5)
+    assert (d / "run" / "search-report" / "scores.png").exists()
+
+
+def test_rerun_costs_no_evaluation(tiny_llama_suite, scorer_env):
+    d = scorer_env
+    cfg = _cfg(tiny_llama_suite, budget=4, full_top_k=1)
+    search_merge(cfg, out=d / "best", run_dir=d / "run", device="cpu", progress=False)
+    n = _calls(d)
+    # same config, run directory complete: nothing is evaluated again
+    again = search_merge(cfg, out=d / "best", run_dir=d / "run", device="cpu", progress=False)
+    assert _calls(d) == n and again["evaluations"] == 0
+    # a fresh run directory with the same search: the model state is rebuilt, cached scores are not shared,
+    # but a point the optimiser repeats is never scored twice
+    grid = _cfg(tiny_llama_suite, optimizer="grid", budget=3, scale_range=[1.0, 1.0], full_top_k=3)
+    before = _calls(d)
+    r = search_merge(grid, out=d / "best2", run_dir=d / "run2", device="cpu", progress=False)
+    assert _calls(d) - before == r["evaluations"] == 3  # 3 grid points; the final top-3 are cache hits
+
+
+def test_search_config_errors(tiny_llama_suite, tmp_path):
+    cfg = _cfg(tiny_llama_suite)
+    cfg["search"]["budgett"] = 3
+    with pytest.raises(bmmstream.errors.BmmError, match=r"^search: unknown key\(s\) \['budgett'\]"):
+        search_merge(cfg, run_dir=tmp_path / "r", device="cpu", progress=False)
+    cfg = _cfg(tiny_llama_suite)
+    cfg["merge_method"] = "ties"
+    with pytest.raises(bmmstream.errors.BmmError, match=r"^search: merge_method must be bmm, got 'ties'$"):
+        search_merge(cfg, run_dir=tmp_path / "r2", device="cpu", progress=False)
