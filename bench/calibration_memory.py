@@ -179,10 +179,10 @@ def main() -> None:
                     cmd += [f"--{k}", str(getattr(args, k))]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{'mode':7} {'layers':>6} {'rss_before_MB':>13} {'peak_rss_MB':>11} {'peak_anon_MB':>12} {'tokens':>7} {'s':>7} {'tok/s':>8}")
+    print(f"{'mode':7} {'layers':>6} {'rss_before_MB':>13} {'peak_rss_MB':>11} {'peak_anon_MB':>12} {'tokens':>7} {'s':>7} {'tok/s':>8} {'tok*layers/s':>12}")
     for r in rows:
         print(f"{r['mode']:7} {r['layers']:6d} {r['rss_before_mb']:13.1f} {r['peak_rss_mb']:11.1f} "
-              f"{r['peak_anon_mb']:12.1f} {r['tokens']:7d} {r['seconds']:7.2f} {r['tokens_per_s']:8.0f}")
+              f"{r['peak_anon_mb']:12.1f} {r['tokens']:7d} {r['seconds']:7.2f} {r['tokens_per_s']:8.0f} {r['tokens_per_s'] * r['layers']:12.0f}")
     ok = True
     for mode in ("stream", "full"):
         rs = [r for r in rows if r["mode"] == mode]
