@@ -58,6 +58,6 @@ def search_merge(
 ) -> dict:
     """Search BMM's per-block hyperparameters on a validation score, then write the best model
     (`bmm search`). Resumable: the history and score cache live in the run directory."""
-    from bmmstream.search_merge import search_merge as _search
+    from bmmstream.search_run import search_merge as _search
 
     return _search(config, out=out, run_dir=run_dir, device=device, progress=progress)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import bmmstream
-from bmmstream.search_merge import search_merge
+from bmmstream.search_run import search_merge
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ def test_search_writes_the_best_point_as_the_streamed_merge_would(tiny_llama_sui
     best = res["best_params"]
     assert len(best["blocks"]) == 2
     # the written model is exactly an ordinary merge with the reported parameters
-    from bmmstream.search_merge import best_parameters
+    from bmmstream.search_run import best_parameters
 
     plain = dict(cfg)
     plain.pop("search")
