@@ -131,3 +131,46 @@ def test_search_config_errors(tiny_llama_suite, tmp_path):
     cfg["merge_method"] = "ties"
     with pytest.raises(bmmstream.errors.BmmError, match=r"^search: merge_method must be bmm, got 'ties'$"):
         search_merge(cfg, run_dir=tmp_path / "r2", device="cpu", progress=False)
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[4])
+    import bmm_test_scorer
+    orig = bmm_test_scorer.score
+    n = {"k": 0}
+    def dying(model):
+        n["k"] += 1
+        if n["k"] == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(model)
+    bmm_test_scorer.score = dying
+    import json
+    from bmmstream.search_run import search_merge
+    search_merge(json.loads(sys.argv[1]), run_dir=sys.argv[2], device="cpu", progress=False)
+    """
+)
+
+
+def test_killed_search_resumes_to_the_same_history_and_choice(tiny_llama_suite, scorer_env):
+    d = scorer_env
+    cfg = _cfg(tiny_llama_suite, optimizer="NGOpt", budget=5, full_top_k=2)
+    ref = search_merge(cfg, run_dir=d / "ref", device="cpu", progress=False)
+    import os
+
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-c", KILLER, json.dumps(cfg), str(d / "run"), "4", str(d)],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not (d / "run" / "model").exists()
+    res = search_merge(cfg, run_dir=d / "run", device="cpu", progress=False)
+    assert res["best_params"] == ref["best_params"] and res["best_score"] == ref["best_score"]
+
+    def history(run):
+        (h,) = list((run / "search").glob("*/history.jsonl"))
+        return [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "time", "wall")} for l in h.read_text().splitlines()]
+
+    assert history(d / "run") == history(d / "ref")
+    for f in sorted(p.name for p in (d / "ref" / "model").glob("*.safetensors")):
+        assert (d / "ref" / "model" / f).read_bytes() == (d / "run" / "model" / f).read_bytes()
