@@ -14,7 +14,9 @@ embeddings, position ids, ...) are produced by the model's own `forward`, stoppe
 Position ids: computed from the attention mask (`cumsum(mask) - 1`, as `generate()` does), and passed to
 the model's forward. For right padding these are the default `arange`; for left padding they make the
 real tokens see the same positions, so the statistics do not depend on where the padding is (BERT's
-absolute position embeddings would otherwise shift).
+absolute position embeddings would otherwise shift). Models that derive positions from the input ids
+themselves (RoBERTa / XLM-R: `padding_idx + cumsum(ids != pad)`) keep their own rule; for them the
+padded slots are filled with `config.pad_token_id` so that rule sees the padding.
 
 Statistics, per input site (modules that receive the very same input tensor share one site: q/k/v,
 gate/up, BERT query/key/value): the raw sum S = sum_x x x^T over real tokens only (padding rows are
@@ -236,6 +238,9 @@ def collect_input_grams(
             mod = model.get_submodule(mod_name) if mod_name else model
             mod._buffers[attr] = buf.to(device)
 
+    # RoBERTa-style embeddings count positions over ids != pad themselves; passing ids would override it
+    own_positions = any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules())
+    pad_id = getattr(model.config, "pad_token_id", None)
     batches = list(batches)
     masks: list[torch.Tensor] = []
     extra: list[tuple[tuple, dict]] = []
@@ -255,13 +260,13 @@ def collect_input_grams(
                     raise BmmError("calibration batch needs 'input_ids' and 'attention_mask'")
                 ids = b["input_ids"].to(device)
                 mask = b["attention_mask"].to(device)
+                if pad_id is not None:
+                    ids = ids.masked_fill(mask == 0, int(pad_id))
+                call = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+                if not own_positions:
+                    call["position_ids"] = position_ids_from_mask(mask)
                 try:
-                    model(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        position_ids=position_ids_from_mask(mask),
-                        use_cache=False,
-                    )
+                    model(**call)
                 except _Caught as c:
                     hidden, rest = c.args[0], c.args[1:]
                     kwargs = c.kwargs

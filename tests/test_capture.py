@@ -79,6 +79,17 @@ def _bert(tmp: Path) -> Path:
     return tmp
 
 
+def _roberta(tmp: Path) -> Path:
+    torch.manual_seed(2)
+    cfg = transformers.RobertaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, pad_token_id=1,
+    )
+    m = transformers.RobertaModel(cfg)
+    m.save_pretrained(tmp, safe_serialization=True)
+    return tmp
+
+
 # real tokens of four samples, different lengths
 SAMPLES = [[5, 9, 3, 17, 22, 8, 1], [7, 7, 30], [12, 40, 2, 9, 11], [3]]
 
@@ -98,10 +109,12 @@ def _batches(samples, batch_size, pad_to=None, left=False, pad_id=0):
     return out
 
 
-def _reference(folder: Path, samples, prefix: str) -> dict[str, tuple[torch.Tensor, int]]:
-    """One full float64 forward of the whole model (all samples in one batch) with hooks on every linear."""
+def _reference(folder: Path, samples, prefix: str, pad_id: int = 0, positions: bool = True):
+    """One full float64 forward of the whole model (all samples in one batch) with hooks on every linear.
+
+    positions=False: the model derives position ids from the input ids itself (RoBERTa)."""
     model = transformers.AutoModel.from_pretrained(folder, dtype=torch.float64).eval()
-    (b,) = _batches(samples, len(samples), pad_to=10)
+    (b,) = _batches(samples, len(samples), pad_to=10, pad_id=pad_id)
     mask = b["attention_mask"].bool()
     out: dict[str, tuple[torch.Tensor, int]] = {}
     hooks = []
@@ -113,13 +126,9 @@ def _reference(folder: Path, samples, prefix: str) -> dict[str, tuple[torch.Tens
                 out[f"{prefix}{name}.weight"] = (x.T @ x, x.shape[0])
 
             hooks.append(mod.register_forward_hook(hook))
+    extra = {"position_ids": position_ids_from_mask(b["attention_mask"])} if positions else {}
     with torch.no_grad():
-        model(
-            input_ids=b["input_ids"],
-            attention_mask=b["attention_mask"],
-            position_ids=position_ids_from_mask(b["attention_mask"]),
-            use_cache=False,
-        )
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False, **extra)
     return out
 
 
@@ -170,9 +179,20 @@ def test_bert_streamed_equals_full_forward(tmp_path):
     assert got[p + "attention.output.dense.weight"][0] is not q
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_roberta_keeps_its_own_position_rule(tmp_path):
+    folder = _roberta(tmp_path / "r")
+    src = _Reader(folder)
+    # pad id 0 in the batches: capture must put RoBERTa's pad id (1) in the padded slots itself
+    got = collect_input_grams(src, _batches(SAMPLES, 3), dtype=torch.float64)
+    ref = _reference(folder, SAMPLES, "", pad_id=1, positions=False)
+    assert len(got) == 2 * 6
+    _assert_close(got, ref)
+    assert all(n == N_REAL for _, n in got.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "roberta"])
 def test_padding_does_not_change_statistics(tmp_path, family):
-    folder = (_llama if family == "llama" else _bert)(tmp_path / family)
+    folder = {"llama": _llama, "bert": _bert, "roberta": _roberta}[family](tmp_path / family)
     src = _Reader(folder)
     right = collect_input_grams(src, _batches(SAMPLES, 2), dtype=torch.float64)
     more_pad = collect_input_grams(src, _batches(SAMPLES, 2, pad_to=12), dtype=torch.float64)
@@ -219,3 +239,14 @@ def test_missing_tensor_is_named(tmp_path):
     src.tensor_infos = lambda: infos
     with pytest.raises(BmmError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is missing"):
         collect_input_grams(src, _batches(SAMPLES, 2), dtype=torch.float64)
+
+
+def test_bf16_forward_with_fp32_sums(tmp_path):
+    """The GPU setting: forward in bf16, Grams accumulated in fp32; close to the float64 truth."""
+    folder = _llama(tmp_path / "m")
+    src = _Reader(folder)
+    g64 = collect_input_grams(src, _batches(SAMPLES, 2), dtype=torch.float64)
+    gbf = collect_input_grams(src, _batches(SAMPLES, 2), dtype=torch.float32, compute_dtype=torch.bfloat16)
+    for k in g64:
+        assert gbf[k][0].dtype == torch.float32 and gbf[k][1] == g64[k][1]
+        assert ((gbf[k][0].double() - g64[k][0]).norm() / g64[k][0].norm()) < 3e-2, k
