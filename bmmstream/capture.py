@@ -7,9 +7,11 @@ batch is pushed through it, then the layer goes back to meta. Peak memory is one
 states of the calibration set (on the device, or on disk under `hidden_cache_dir`) + one layer's Grams.
 
 No model code is written here: the skeleton is `transformers.AutoModel.from_config` (Llama-family causal
-LMs and BERT-family encoders), and the inputs of the first layer (attention mask, rotary position
-embeddings, position ids, ...) are produced by the model's own `forward`, stopped by a pre-hook on layer
-0. Those keyword arguments are then replayed for every layer, exactly as the full model would pass them.
+LMs and BERT-family encoders), and the inputs of every layer (attention mask, rotary position
+embeddings, position ids, ...) are produced by the model's own `forward`, run once per batch with each
+layer replaced by a stand-in that records its arguments and passes the hidden states through. Those
+arguments are then replayed layer by layer, exactly as the full model passes them (so per-layer masks
+of sliding-window / alternating-attention models such as Gemma 2 are right too).
 
 Position ids: computed from the attention mask (`cumsum(mask) - 1`, as `generate()` does), and passed to
 the model's forward. For right padding these are the default `arange`; for left padding they make the
@@ -45,12 +47,7 @@ Grams = dict[str, tuple[torch.Tensor, int]]
 
 
 class _Caught(Exception):
-    """Raised by the pre-hook on layer 0 to stop the full forward once the layer inputs exist."""
-
-    def __init__(self, args: tuple, kwargs: dict):
-        super().__init__("layer inputs captured")
-        self.args = args
-        self.kwargs = kwargs
+    """Raised by the stand-in of the last layer to stop the full forward once every layer's inputs exist."""
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -87,12 +84,13 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise BmmError(f"{type(model).__name__}: no layer list with num_hidden_layers={n} found")
 
 
-def checkpoint_prefix(model: nn.Module, names: Iterable[str]) -> str:
+def checkpoint_prefix(model: nn.Module, names: Iterable[str], layers_path: str) -> str:
     """Prefix of the backbone's tensors in the checkpoint ("" for a bare backbone, "model." for Llama LMs)."""
     names = set(names)
     params = [n for n, _ in model.named_parameters()]
+    probe = params[:1] + [p for p in params if p.startswith(layers_path + ".")][:1]
     for prefix in ("", model.base_model_prefix + "."):
-        if all(prefix + p in names for p in params[:1] + params[-1:]):
+        if all(prefix + p in names for p in probe):
             return prefix
     raise BmmError(
         f"checkpoint has no tensor '{params[0]}' (nor with prefix '{model.base_model_prefix}.'): "
@@ -122,14 +120,18 @@ def _to_meta(model: nn.Module, names: list[str]) -> None:
         set_module_tensor_to_device(model, n, "meta")
 
 
-def _move(obj: Any, device) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts."""
+def _move(obj: Any, device, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts; a tensor shared by several entries (one
+    mask for all layers) is moved once and stays shared."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(o, device) for o in obj)
+        return type(obj)(_move(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
+        return {k: _move(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -228,7 +230,7 @@ def collect_input_grams(
     compute_dtype = compute_dtype or dtype
     model = build_skeleton(source.config())
     layers_path, layers = find_layers(model)
-    prefix = checkpoint_prefix(model, source.tensor_infos())
+    prefix = checkpoint_prefix(model, source.tensor_infos(), layers_path)
 
     param_names = [n for n, _ in model.named_parameters()]
     outside = [n for n in param_names if not n.startswith(layers_path + ".")]
@@ -242,17 +244,36 @@ def collect_input_grams(
     own_positions = any(hasattr(m, "create_position_ids_from_input_ids") for m in model.modules())
     pad_id = getattr(model.config, "pad_token_id", None)
     batches = list(batches)
+    n_layers = len(layers)
     masks: list[torch.Tensor] = []
-    extra: list[tuple[tuple, dict]] = []
+    # per batch, per layer: the (positional args after hidden_states, kwargs) the model passes that layer
+    extra: list[list[tuple[tuple, dict]]] = []
     store = _HiddenStore(device, hidden_cache_dir)
     spill = hidden_cache_dir is not None
 
-    def stop(_mod, args, kwargs):
-        raise _Caught(args, kwargs)
+    # Embeddings (and the other small non-layer tensors) first: run the model's own forward with every
+    # layer replaced by a stand-in that records its inputs (masks and rotary embeddings can differ by
+    # layer, e.g. sliding-window layers) and passes the hidden states through; the last one stops it.
+    # Tensors after the stack that a checkpoint may lack (BERT's pooler) stay on meta and never run.
+    infos = source.tensor_infos()
+    present = [n for n in outside if prefix + n in infos]
+    absent = [n for n in outside if prefix + n not in infos]
+    _materialise(model, present, source, prefix, device, compute_dtype)
+    current: dict[str, Any] = {}
 
-    # Embeddings (and the other small non-layer tensors) first: run the model's own forward up to layer 0.
-    _materialise(model, outside, source, prefix, device, compute_dtype)
-    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    def stand_in(li: int):
+        def forward(hidden_states, *args, **kwargs):
+            if li == 0:
+                current["hidden"] = hidden_states
+            current["layers"].append((args, kwargs))
+            if li == n_layers - 1:
+                raise _Caught()
+            return hidden_states
+
+        return forward
+
+    for li, layer in enumerate(layers):
+        layer.forward = stand_in(li)
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
@@ -265,19 +286,30 @@ def collect_input_grams(
                 call = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
                 if not own_positions:
                     call["position_ids"] = position_ids_from_mask(mask)
+                current.clear()
+                current["layers"] = []
                 try:
                     model(**call)
-                except _Caught as c:
-                    hidden, rest = c.args[0], c.args[1:]
-                    kwargs = c.kwargs
-                else:
-                    raise BmmError(f"{type(model).__name__}: forward never reached layer 0")
-                store.put(i, hidden)
-                extra.append(_move((rest, kwargs), "cpu") if spill else (rest, kwargs))
+                except _Caught:
+                    pass
+                except (RuntimeError, NotImplementedError) as e:
+                    if absent:
+                        raise BmmError(
+                            f"{source.id}: the forward before the first layer failed; the checkpoint lacks "
+                            f"{', '.join(prefix + n for n in absent)} ({str(e).splitlines()[0]})"
+                        ) from None
+                    raise
+                if len(current["layers"]) != n_layers:
+                    raise BmmError(f"{type(model).__name__}: forward did not reach every layer")
+                store.put(i, current["hidden"])
+                rec = current["layers"]
+                extra.append(_move(rec, "cpu") if spill else rec)
                 masks.append(mask.bool())
     finally:
-        handle.remove()
-    _to_meta(model, outside)
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        current.clear()
+    _to_meta(model, present)
 
     def layer_params(li: int) -> list[str]:
         return [n for n in param_names if n.startswith(f"{layers_path}.{li}.")]
@@ -305,9 +337,9 @@ def collect_input_grams(
         try:
             with torch.no_grad():
                 for i in range(len(masks)):
-                    rest, kwargs = extra[i]
+                    rest, kwargs = extra[i][li]
                     if spill:
-                        rest, kwargs = _move(rest, device), _move(kwargs, device)
+                        rest, kwargs = _move((rest, kwargs), device)
                     out = layer(store.get(i), *rest, **kwargs)
                     if isinstance(out, (tuple, list)):
                         out = out[0]

@@ -90,6 +90,32 @@ def _roberta(tmp: Path) -> Path:
     return tmp
 
 
+def _qwen2_sliding(tmp: Path) -> Path:
+    """Layer 0 full attention, layer 1 sliding-window (3 tokens): the layers get different masks."""
+    torch.manual_seed(3)
+    cfg = transformers.Qwen2Config(
+        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        use_sliding_window=True, sliding_window=3, max_window_layers=1,
+    )
+    assert cfg.layer_types == ["full_attention", "sliding_attention"]
+    m = transformers.Qwen2ForCausalLM(cfg)
+    m.save_pretrained(tmp, safe_serialization=True)
+    return tmp
+
+
+def _bert_no_pooler(tmp: Path) -> Path:
+    """A checkpoint without the pooler (as BertForMaskedLM saves it), with the usual 'bert.' prefix."""
+    torch.manual_seed(4)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+    )
+    m = transformers.BertForMaskedLM(cfg)
+    m.save_pretrained(tmp, safe_serialization=True)
+    return tmp
+
+
 # real tokens of four samples, different lengths
 SAMPLES = [[5, 9, 3, 17, 22, 8, 1], [7, 7, 30], [12, 40, 2, 9, 11], [3]]
 
@@ -177,6 +203,25 @@ def test_bert_streamed_equals_full_forward(tmp_path):
     q = got[p + "attention.self.query.weight"][0]
     assert got[p + "attention.self.key.weight"][0] is q and got[p + "attention.self.value.weight"][0] is q
     assert got[p + "attention.output.dense.weight"][0] is not q
+
+
+def test_per_layer_masks_sliding_window(tmp_path):
+    folder = _qwen2_sliding(tmp_path / "q")
+    src = _Reader(folder)
+    got = collect_input_grams(src, _batches(SAMPLES, 2), dtype=torch.float64)
+    ref = _reference(folder, SAMPLES, "model.")
+    assert len(got) == 2 * 7
+    _assert_close(got, ref)
+
+
+def test_checkpoint_without_pooler_and_with_prefix(tmp_path):
+    folder = _bert_no_pooler(tmp_path / "mlm")
+    src = _Reader(folder)
+    assert not any("pooler" in k for k in src.tensor_infos())
+    got = collect_input_grams(src, _batches(SAMPLES, 2), dtype=torch.float64)
+    assert "bert.encoder.layer.1.output.dense.weight" in got and len(got) == 2 * 6
+    ref = _reference(folder, SAMPLES, "bert.")
+    _assert_close(got, ref)
 
 
 def test_roberta_keeps_its_own_position_rule(tmp_path):
