@@ -13,11 +13,15 @@ factorisation fails (a singular sum, e.g. an input dimension never active), a di
 `1e-8 * mean(diag)` is added and raised tenfold until it succeeds, and the module is recorded in
 `describe()["damped"]`.
 
-`alpha` (a): shrinkage of the off-diagonal Gram entries toward the diagonal. Default 0.9. The reference
-code (bloomberg/dataless-model-merging) ships `regmean_reduce_nondiag: -1`, i.e. no shrinkage (a = 1),
-and its paper motivates shrinking toward the diagonal to keep the merge close to the individual models'
-behaviour and well conditioned; a = 0.9 is the value implementations derived from it commonly default
-to. Set `alpha: 1.0` to get exactly the reference code's default.
+`alpha` (a): shrinkage of the off-diagonal Gram entries toward the diagonal (the reference's
+`reduce_non_diag`: off-diagonal entries times a, diagonal kept). Default 0.9, our choice. The reference
+code (bloomberg/dataless-model-merging, src/configs/defaults.yaml) ships `regmean_reduce_nondiag: -1`,
+i.e. no shrinkage (a = 1); the paper shrinks toward the diagonal because the plain solution can stray far
+from the individual models and the unshrunk sum is often ill conditioned (few tokens, d_in large).
+0.9 is a mild shrinkage that keeps the sum positive definite whenever every diagonal entry is positive
+(it is also the default of `--regmean_reduce_nondiag` in a derived implementation we read). Set
+`alpha: 1.0` to get exactly the reference code's default; `alpha: 0` is the per-input-dimension
+weighted average.
 
 Tensors without Grams (biases and norms, embeddings and lm_head, heads after the layer stack) follow
 the reference rule: the simple average of the experts, i.e. U = mean_t U_t.
