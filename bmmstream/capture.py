@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from bmmstream.errors import BmmError
+from bmmstream.memory import trim_heap
 from bmmstream.sources.base import TensorSource
 
 Grams = dict[str, tuple[torch.Tensor, int]]
@@ -172,21 +173,6 @@ class _HiddenStore:
         if self.dir is not None:
             for p in self.dir.glob("hidden_*.safetensors"):
                 p.unlink()
-
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc only; a no-op elsewhere).
-
-    Each layer allocates and frees weight-sized blocks; glibc's dynamic mmap threshold then serves
-    later blocks from the heap, whose free pages stay in RSS and fragment, so without this RSS
-    grows by a few MB per layer (measured in bench/calibration_memory.py).
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _linear_names(layer: nn.Module) -> list[str]:
@@ -378,6 +364,6 @@ def collect_input_grams(
             result.update(layer_grams)
         del acc, layer_grams
         if device.type == "cpu":
-            _trim_heap()
+            trim_heap()
     store.clear()
     return result

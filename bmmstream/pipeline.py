@@ -22,6 +22,7 @@ from bmmstream import __version__
 from bmmstream.calibrate import calibrate, module_grams
 from bmmstream.config import DTYPES, MergeConfig, load_config
 from bmmstream.errors import BmmError
+from bmmstream.memory import trim_heap
 from bmmstream.methods.registry import MergeMethod, ModuleInput, get_method
 from bmmstream.plan import Plan, build_plan
 from bmmstream.rundir import RunDir, append_jsonl, write_json_atomic
@@ -330,6 +331,7 @@ def execute(job: Job, *, progress: bool = True) -> Path:
             for s in job.sources.all:
                 s.release(names)
             del merged
+            trim_heap()
     finally:
         bar.close()
     writer.finalize()
