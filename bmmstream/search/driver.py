@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,7 @@ class _Scorer:
         self.fn, self.fidelity, self.scorer_id = fn, fidelity, scorer_id
         self.data_hash, self.context, self.cache = data_hash, context, cache
         self.evaluations = 0
+        self._lock = threading.Lock()  # pool threads share the counter and the cache file
 
     def key(self, params: dict) -> str:
         return cache_key(params, self.scorer_id, self.data_hash, self.context)
@@ -182,8 +184,9 @@ class _Scorer:
         except (TypeError, ValueError):
             raise BmmError(f"search: the {self.fidelity} scorer returned {raw!r}, expected a number") from None
         seconds = time.perf_counter() - t0
-        self.evaluations += 1
-        self.cache.put(self.key(params), score, fidelity=self.fidelity, scorer=self.scorer_id, seconds=seconds)
+        with self._lock:
+            self.evaluations += 1
+            self.cache.put(self.key(params), score, fidelity=self.fidelity, scorer=self.scorer_id, seconds=seconds)
         return score, seconds
 
 
