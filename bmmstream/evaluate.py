@@ -13,6 +13,7 @@ easily as a folder on disk.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -112,41 +113,52 @@ def choice_logprobs(
 ) -> list[list[float]]:
     """Summed log-probability of each choice's tokens after its prompt, for a batch of prompts.
 
-    One right-padded forward over the prompts gives every choice's first-token log-prob (causal
-    attention: padding after a prompt cannot change its logits). Choices longer than one token get
-    one extra forward over prompt + choice.
+    Rows whose choices are all one token share one right-padded forward (causal attention: padding
+    after a prompt cannot change its logits). A row with a longer choice gets its own prompt forward
+    with a KV cache, and each longer choice only a forward over its own remaining tokens.
     """
     device = _device(model)
     prompt_ids = [_ids(tokenizer, p) for p in prompts]
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("choice_logprobs: empty prompt")
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids[i, : len(p)] = torch.tensor(p)
-        mask[i, : len(p)] = 1
-    logits = _wide(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
-    last = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
-    first_lp = torch.log_softmax(logits[torch.arange(len(prompts), device=device), last], dim=-1)
+    choice_ids = [[_ids(tokenizer, c) for c in row] for row in choices]
+    for row, ids_row in zip(choices, choice_ids):
+        for c, ids_c in zip(row, ids_row):
+            if not ids_c:
+                raise ValueError(f"choice_logprobs: choice {c!r} tokenizes to nothing")
 
-    out: list[list[float]] = []
-    for i, (p, row_choices) in enumerate(zip(prompt_ids, choices)):
+    out: list[list[float] | None] = [None] * len(prompts)
+    short = [i for i in range(len(prompts)) if all(len(c) == 1 for c in choice_ids[i])]
+    if short:
+        width = max(len(prompt_ids[i]) for i in short)
+        ids = torch.zeros(len(short), width, dtype=torch.long)
+        mask = torch.zeros(len(short), width, dtype=torch.long)
+        for k, i in enumerate(short):
+            ids[k, : len(prompt_ids[i])] = torch.tensor(prompt_ids[i])
+            mask[k, : len(prompt_ids[i])] = 1
+        logits = _wide(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
+        last = torch.tensor([len(prompt_ids[i]) - 1 for i in short], device=device)
+        first_lp = torch.log_softmax(logits[torch.arange(len(short), device=device), last], dim=-1)
+        for k, i in enumerate(short):
+            out[i] = [float(first_lp[k, c[0]]) for c in choice_ids[i]]
+
+    for i in range(len(prompts)):
+        if out[i] is not None:
+            continue
+        res = model(input_ids=torch.tensor([prompt_ids[i]], device=device), use_cache=True)
+        first_lp = torch.log_softmax(_wide(res.logits[0, -1]), dim=-1)
         scores = []
-        for choice in row_choices:
-            c = _ids(tokenizer, choice)
-            if not c:
-                raise ValueError(f"choice_logprobs: choice {choice!r} tokenizes to nothing")
-            if len(c) == 1:
-                scores.append(float(first_lp[i, c[0]]))
-                continue
-            seq = torch.tensor([p + c], device=device)
-            lp = torch.log_softmax(_wide(model(input_ids=seq).logits)[0], dim=-1)
-            # token c[j] is predicted at position len(p) - 1 + j
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(c), device=device)
-            scores.append(float(lp[pos, torch.tensor(c, device=device)].sum()))
-        out.append(scores)
-    return out
+        for c in choice_ids[i]:
+            score = float(first_lp[c[0]])
+            if len(c) > 1:
+                # tokens c[1:] are predicted from positions holding c[:-1], after the cached prompt
+                cont = model(input_ids=torch.tensor([c[:-1]], device=device),
+                             past_key_values=copy.deepcopy(res.past_key_values), use_cache=True)
+                lp = torch.log_softmax(_wide(cont.logits[0]), dim=-1)
+                score += float(lp[torch.arange(len(c) - 1, device=device), torch.tensor(c[1:], device=device)].sum())
+            scores.append(score)
+        out[i] = scores
+    return out  # type: ignore[return-value]
 
 
 def _answer_index(row: dict) -> int:
