@@ -1,0 +1,368 @@
+"""Accuracy benchmark on real experts: every merge method, and BMM over every anchor (Table 1 in miniature).
+
+For each suite built by tools/build_experts.py (encoder: all-MiniLM-L6-v2 + task heads; decoder:
+SmolLM2-135M-Instruct with label-likelihood scoring) this reports the test accuracy of
+- the pretrained base and each individual expert on its own task,
+- every method of the registry (hyperparameters picked by a small grid on the validation split),
+- BMM with each of those methods as anchor (anchor at its picked hyperparameters; rho and scale
+  picked on validation), data-free and, with --data-assisted, with calibration Grams from each
+  task's unlabeled training texts.
+Selection maximises the mean validation accuracy over tasks; only the picked configuration is
+scored on test. Results are cached per configuration (results.json), so a killed run resumes.
+
+    nice -n 10 python bench/accuracy.py                     # both suites, writes bench/RESULTS.md
+    python bench/accuracy.py --smoke                        # tiny CI run on tools/cache/smoke
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import bmmstream  # noqa: E402
+from bmmstream import evaluate as ev  # noqa: E402
+from bmmstream.methods import method_names  # noqa: E402
+
+# grids on the validation split; a method not listed runs at its defaults
+GRIDS: dict[str, list[dict]] = {
+    "task_arithmetic": [{"scale": s} for s in (0.3, 0.6, 1.0)],
+    "ties": [{"density": 0.2, "scale": s} for s in (0.7, 1.2)],
+    "dare": [{"p": 0.5, "combine": "task_arithmetic", "scale": s} for s in (0.3, 0.6)],
+    "tsv": [{"alpha": a} for a in (0.7, 1.2)],
+    "iso_c": [{"alpha": a} for a in (0.7, 1.2)],
+    "iso_cts": [{"alpha": a} for a in (0.7, 1.2)],
+}
+# cheap methods first, so a run cut short still fills most of the table
+ORDER = ["pretrained", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "dare", "poe_cauchy", "regmean", "wudi"]
+SKIP = {"bmm", "external"}  # bmm is run over every anchor; external needs a merged checkpoint
+NEEDS_DATA = {"regmean"}
+BMM_RHO = (0.01, 0.1, 1.0)
+BMM_SCALE = (1.0,)
+PRETTY = {
+    "pretrained": "Pretrained", "task_arithmetic": "Task Arithmetic", "ties": "TIES", "dare": "DARE",
+    "tsv": "TSV-M", "iso_c": "ISO-C", "iso_cts": "ISO-CTS", "wudi": "WUDI", "poe_cauchy": "Cauchy PoE",
+    "regmean": "RegMean",
+}
+
+
+@dataclass
+class Suite:
+    name: str
+    dir: Path
+    tasks: list[str]
+    val_limit: int
+    _tok: object = None
+    _batches: dict = field(default_factory=dict)
+
+    @property
+    def base(self) -> Path:
+        return self.dir / "base"
+
+    def expert(self, task: str) -> Path:
+        return self.dir / "experts" / task
+
+    def rows(self, task: str, split: str) -> list[dict]:
+        with open(self.dir / "data" / task / f"{split}.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return rows[: self.val_limit] if split == "val" else rows
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self._tok is None:
+            self._tok = AutoTokenizer.from_pretrained(str(self.base))
+        return self._tok
+
+    def load(self, folder: Path):
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        cls = AutoModel if self.name == "encoder" else AutoModelForCausalLM
+        return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+    def score(self, model, task: str, split: str) -> float:
+        if self.name == "decoder":
+            return ev.label_likelihood_accuracy(model, self.tokenizer(), self.rows(task, split))
+        from safetensors.torch import load_file
+
+        info = json.loads((self.expert(task) / "task.json").read_text())
+        key = (task, split)
+        if key not in self._batches:
+            self._batches[key] = ev.encoder_batches(self.tokenizer(), self.rows(task, split), info["labels"],
+                                                    max_len=info["max_len"], batch_size=64)
+        h = load_file(str(self.expert(task) / "head.safetensors"))
+        return ev.encoder_accuracy(model, ev.linear_head(h["weight"], h["bias"]), self._batches[key])
+
+    def evaluate(self, folder: Path, split: str, tasks: list[str] | None = None) -> dict[str, float]:
+        model = self.load(folder)
+        return {t: self.score(model, t, split) for t in (tasks or self.tasks)}
+
+
+def mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / len(d)
+
+
+class Bench:
+    """Merges, scores and caches; one instance per suite."""
+
+    def __init__(self, suite: Suite, out: Path, data_samples: int):
+        self.suite = suite
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.cache_path = out / "results.json"
+        self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+        self.data_samples = data_samples
+
+    def save(self) -> None:
+        tmp = self.cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.cache, indent=1, sort_keys=True))
+        tmp.replace(self.cache_path)
+
+    def config(self, method: str, params: dict, data: bool) -> dict:
+        models = []
+        for t in self.suite.tasks:
+            m: dict = {"model": str(self.suite.expert(t))}
+            if data:
+                m["calibration"] = {"path": str(self.suite.dir / "data" / t / "train.jsonl"),
+                                    "field": "text" if self.suite.name == "encoder" else "prompt",
+                                    "samples": self.data_samples, "max_len": 128}
+            models.append(m)
+        return {"base_model": str(self.suite.base), "models": models, "merge_method": method,
+                "parameters": params, "dtype": "float32", "out_dtype": "float32"}
+
+    def merged(self, key: str, cfg: dict) -> tuple[Path, float]:
+        folder = self.out / "models" / hashlib.sha1(key.encode()).hexdigest()[:12]
+        run_dir = self.out / "runs" / folder.name
+        for p in (folder, run_dir):
+            if p.exists():
+                shutil.rmtree(p)
+        t0 = time.time()
+        bmmstream.merge(cfg, out=folder, run_dir=run_dir, device="cpu", progress=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return folder, time.time() - t0
+
+    def select(self, label: str, method: str, grid: list[dict], data: bool = False) -> dict:
+        """Score each grid point on val and the best on test; cached per configuration.
+
+        The best-so-far merged folder is kept until the grid is done, so the winner is not merged twice.
+        """
+        best_key, best_folder = None, None
+        for params in grid:
+            key = json.dumps([method, params, data], sort_keys=True)
+            rec = self.cache.get(key)
+            folder = None
+            if rec is None or "val" not in rec:
+                folder, secs = self.merged(key, self.config(method, params, data))
+                rec = {"label": label, "method": method, "params": params, "data": data,
+                       "merge_seconds": secs, "val": self.suite.evaluate(folder, "val")}
+                self.cache[key] = rec
+                self.save()
+                print(f"  [{self.suite.name}] {label} {fmt_params(params)}: val {mean(rec['val']):.4f} "
+                      f"(merge {secs:.0f} s)", flush=True)
+            if best_key is None or mean(rec["val"]) > mean(self.cache[best_key]["val"]):
+                if best_folder is not None:
+                    shutil.rmtree(best_folder)
+                best_key, best_folder = key, folder
+            elif folder is not None:
+                shutil.rmtree(folder)
+        rec = self.cache[best_key]
+        if "test" not in rec:
+            if best_folder is None:
+                best_folder, _ = self.merged(best_key, self.config(rec["method"], rec["params"], rec["data"]))
+            rec["test"] = self.suite.evaluate(best_folder, "test")
+            self.save()
+        if best_folder is not None:
+            shutil.rmtree(best_folder)
+        return rec
+
+    def reference_rows(self) -> dict:
+        """Pretrained base on every task and each expert on its own task (test and val)."""
+        key = "__reference__"
+        if key not in self.cache:
+            s = self.suite
+            base = {split: s.evaluate(s.base, split) for split in ("val", "test")}
+            experts = {split: {t: s.evaluate(s.expert(t), split, [t])[t] for t in s.tasks}
+                       for split in ("val", "test")}
+            self.cache[key] = {"base": base, "experts": experts}
+            self.save()
+        return self.cache[key]
+
+
+def run_suite(suite: Suite, out: Path, methods: list[str], rho: tuple, scales: tuple,
+              data_assisted: bool, data_samples: int, smoke: bool, budget_s: float = float("inf")) -> dict:
+    t0 = time.time()
+    bench = Bench(suite, out, data_samples)
+    ref = bench.reference_rows()
+    anchors: dict[str, dict] = {}
+    bmm: dict[str, dict] = {}
+    bmm_da: dict[str, dict] = {}
+    skipped = []
+    for m in methods:
+        if time.time() - t0 > budget_s:
+            skipped.append(m)
+            continue
+        needs_data = m in NEEDS_DATA
+        if needs_data and not data_assisted:
+            continue
+        grid = GRIDS.get(m, [{}])
+        if smoke:
+            grid = grid[:1]
+        anchors[m] = bench.select(PRETTY.get(m, m), m, grid, data=needs_data)
+        bmm_grid = [{"anchor": m, "anchor_parameters": anchors[m]["params"], "statistics": "data_free",
+                     "rho": r, "scale": s} for r in rho for s in scales]
+        bmm[m] = bench.select(f"BMM/{m}", "bmm", bmm_grid, data=needs_data)
+        if data_assisted:
+            da_grid = [dict(g, statistics="data_assisted") for g in bmm_grid]
+            bmm_da[m] = bench.select(f"BMM-DA/{m}", "bmm", da_grid, data=True)
+    return {"suite": suite.name, "tasks": suite.tasks, "reference": ref, "anchors": anchors,
+            "bmm": bmm, "bmm_da": bmm_da, "not_run": skipped}
+
+
+# -- report ----------------------------------------------------------------------------------------
+def fmt_params(p: dict) -> str:
+    keep = {k: v for k, v in p.items() if k not in ("anchor", "anchor_parameters", "statistics")}
+    return ", ".join(f"{k}={v}" for k, v in keep.items())
+
+
+def table(res: dict) -> str:
+    tasks = res["tasks"]
+    head = "| Method | " + " | ".join(tasks) + " | Avg. | gain of BMM over anchor |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+
+    def row(name: str, acc: dict, gain: str = "") -> str:
+        cells = " | ".join(f"{100 * acc[t]:.1f}" for t in tasks)
+        return f"| {name} | {cells} | {100 * mean(acc):.1f} | {gain} |"
+
+    lines.append(row("Pretrained base", res["reference"]["base"]["test"]))
+    lines.append(row("Individual experts", res["reference"]["experts"]["test"]))
+    for m, a in res["anchors"].items():
+        lines.append(row(f"{PRETTY.get(m, m)} ({fmt_params(a['params'])})", a["test"]))
+        for tag, group in (("BMM data-free", res["bmm"]), ("BMM data-assisted", res["bmm_da"])):
+            if m in group:
+                b = group[m]
+                gain = 100 * (mean(b["test"]) - mean(a["test"])) / mean(a["test"])
+                lines.append(row(f"&nbsp;&nbsp;+ {tag} ({fmt_params(b['params'])})", b["test"], f"{gain:+.1f}%"))
+    return "\n".join(lines)
+
+
+def build_table(manifest: dict) -> str:
+    """Per task: training size, base and expert test accuracy at build time, build seconds."""
+    lines = ["| task | train / val / test | base test acc | expert test acc | build s |", "|---|---|---|---|---|"]
+    for t, r in manifest["tasks"].items():
+        lines.append(f"| {t} | {r['n_train']} / {r['n_val']} / {r['n_test']} | {100 * r['base_test_acc']:.1f} | "
+                     f"{100 * r['expert_test_acc']:.1f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def chart(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = res["tasks"]
+    names = list(res["anchors"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), sharey=False)
+    for ax, t in zip(axes, tasks):
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [100 * res["anchors"][m]["test"][t] for m in names], 0.4, label="anchor")
+        ax.bar([x + 0.2 for x in xs], [100 * res["bmm"][m]["test"][t] if m in res["bmm"] else 0 for m in names],
+               0.4, label="BMM (data-free)")
+        ax.axhline(100 * res["reference"]["experts"]["test"][t], color="k", ls="--", lw=1, label="expert")
+        ax.axhline(100 * res["reference"]["base"]["test"][t], color="gray", ls=":", lw=1, label="base")
+        vals = [100 * res["anchors"][m]["test"][t] for m in names] + [100 * res["bmm"][m]["test"][t] for m in res["bmm"]]
+        vals += [100 * res["reference"]["experts"]["test"][t], 100 * res["reference"]["base"]["test"][t]]
+        ax.set_ylim(max(0.0, min(vals) - 10), min(100.0, max(vals) + 5))
+        ax.set_xticks(list(xs), [PRETTY.get(m, m) for m in names], rotation=60, ha="right", fontsize=7)
+        ax.set_title(t)
+        ax.set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{res['suite']} suite: each anchor vs BMM over it")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_results_md(path: Path, section: str) -> None:
+    """Replace (or append) the '## accuracy' section, leaving the rest of the file alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## accuracy"), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        text = "".join(lines[:start]) + section.rstrip("\n") + "\n\n" + "".join(lines[end:])
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, default=ROOT / "tools" / "cache")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "accuracy")
+    p.add_argument("--suite", choices=["encoder", "decoder", "all"], default="all")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registry method")
+    p.add_argument("--rho", nargs="+", type=float, default=list(BMM_RHO))
+    p.add_argument("--scale", nargs="+", type=float, default=list(BMM_SCALE))
+    p.add_argument("--val-limit", type=int, default=None, help="validation rows per task used for selection")
+    p.add_argument("--data-assisted", action="store_true", help="add RegMean and data-assisted BMM")
+    p.add_argument("--data-samples", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="per suite: start no new method after this many minutes (the table says which were not run)")
+    p.add_argument("--smoke", action="store_true", help="tiny run on <cache>/smoke, no RESULTS.md update")
+    p.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.cache, args.out = args.cache / "smoke", args.out.with_name(args.out.name + "-smoke")
+        args.methods = args.methods or ["task_arithmetic", "ties"]
+        args.rho = args.rho[:1] if args.rho != list(BMM_RHO) else [0.01]
+    methods = args.methods or sorted((m for m in method_names() if m not in SKIP),
+                                     key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    suites = ["encoder", "decoder"] if args.suite == "all" else [args.suite]
+
+    sections = []
+    for name in suites:
+        sdir = args.cache / name
+        manifest = json.loads((sdir / "manifest.json").read_text())
+        limit = args.val_limit or (8 if args.smoke else (100 if name == "encoder" else 40))
+        suite = Suite(name, sdir, list(manifest["tasks"]), limit)
+        t0 = time.time()
+        res = run_suite(suite, args.out / name, methods, tuple(args.rho), tuple(args.scale),
+                        args.data_assisted, args.data_samples, args.smoke,
+                        60 * args.budget_min if args.budget_min else float("inf"))
+        res["seconds"] = time.time() - t0
+        (args.out / name / "summary.json").write_text(json.dumps(res, indent=1))
+        md = table(res)
+        png = (args.out / name / f"accuracy_{name}.png") if args.smoke else (ROOT / "bench" / f"accuracy_{name}.png")
+        chart(res, png)
+        print(md, flush=True)
+        sections.append((name, manifest, md, png, res, limit))
+
+    if not args.smoke:
+        body = ["## accuracy", "",
+                "Real experts (tools/build_experts.py), every registry method and BMM over each as anchor; "
+                "hyperparameters picked on the validation split (mean accuracy over tasks), test accuracy "
+                "reported in %. Gain = relative change of the mean test accuracy of BMM over its anchor. "
+                f"Command: `nice -n 10 python bench/accuracy.py --suite {args.suite}`.", ""]
+        for name, manifest, md, png, res, limit in sections:
+            body += [f"### {name} suite", "", build_table(manifest), "",
+                     f"Build: {manifest['build_seconds'] / 60:.1f} min on {manifest['threads']} shared CPU threads; "
+                     f"tasks {', '.join(res['tasks'])}; selection on {limit} validation rows per task; "
+                     f"benchmark {res['seconds'] / 60:.1f} min."
+                     + (f" Not run (time budget): {', '.join(res['not_run'])}." if res["not_run"] else ""), "", md, "", f"![{name}]({png.relative_to(ROOT / 'bench')})", ""]
+        update_results_md(args.results_md, "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
