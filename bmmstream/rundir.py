@@ -15,14 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from bmmstream.writer import write_json_atomic  # noqa: F401  (re-exported: run files use it)
 
 
 def append_jsonl(path: Path, records: list[dict]) -> None:
