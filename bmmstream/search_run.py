@@ -58,7 +58,7 @@ def _resident_model(job) -> torch.nn.Module:
     config = AutoConfig.for_model(mt, **cfgd)
     archs = cfgd.get("architectures") or []
     cls = AutoModelForCausalLM if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else AutoModel
-    model = cls.from_config(config, torch_dtype=job.cfg.compute_dtype)
+    model = cls.from_config(config, dtype=job.cfg.compute_dtype)
     return model.to(job.device).eval()
 
 

@@ -101,7 +101,7 @@ def test_search_writes_the_best_point_as_the_streamed_merge_would(tiny_llama_sui
     import bmm_test_scorer
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(res["output"], torch_dtype=torch.float64)
+    model = AutoModelForCausalLM.from_pretrained(res["output"], dtype=torch.float64)
     assert bmm_test_scorer.score(model) == pytest.approx(res["best_score"], rel=1e-5)
     assert (d / "run" / "search-report" / "scores.png").exists()
 
