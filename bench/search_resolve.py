@@ -7,9 +7,12 @@ batched by shape as the pipeline does. Methods per trial:
   eigen    : (CQ + lam U0Q) diag(1/(e+lam)) Q^T        (eigh of G once, outside the trial)
   eigen_k  : U0 + A diag(1/(e_k+lam)) Q_k^T with k = d_in * rank_frac (truncated; error reported)
 Statistics are synthetic data-free ones (G = sum_t U_t^T U_t, C = sum_t U_t U_t^T U_t over T random
-task vectors), so the truncation error printed is for a flat random spectrum: real ones decay faster.
+task vectors), so the truncation error printed is for a flat random spectrum. `--real-base` with
+`--real-experts` measures the truncation error instead on real task vectors (every 2-D linear weight
+of the checkpoints; anchor U0 = 0.3 * sum_t U_t, i.e. task arithmetic), per fraction k / d_in.
 
     nice -n 10 python bench/search_resolve.py --hidden 512 2048
+    nice -n 10 python bench/search_resolve.py --hidden --real-base BASE --real-experts E1 E2 E3
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import time
 
 import torch
 
-from bmmstream.fast_solve import prepare, solve_dense
+from bmmstream.fast_solve import prepare, solve_dense, truncation_errors
 
 
 def layer_stats(h: int, inter: int, T: int, dtype, device, seed: int = 0):
@@ -89,9 +92,43 @@ def bench_size(h: int, args, device, dtype):
     }
 
 
+def real_truncation(args):
+    """Relative error of the rank-k re-solve on real data-free statistics, per k / d_in."""
+    from safetensors import safe_open
+
+    base = safe_open(f"{args.real_base}/model.safetensors", "pt")
+    experts = [safe_open(f"{e}/model.safetensors", "pt") for e in args.real_experts]
+    names = [n for n in base.keys() if n.endswith(".weight") and len(base.get_slice(n).get_shape()) == 2
+             and "embed" not in n]
+    fracs = args.real_fracs
+    errs: dict[tuple[float, float], list[float]] = {(f, r): [] for f in fracs for r in args.real_rhos}
+    for n in names:
+        W = base.get_tensor(n).double()
+        U = torch.stack([e.get_tensor(n).double() - W for e in experts])
+        if not U.abs().max() > 0:
+            continue
+        G = (U.transpose(-1, -2) @ U).sum(0)
+        C = (U @ (U.transpose(-1, -2) @ U)).sum(0)
+        U0 = 0.3 * U.sum(0)
+        d_in, mean_e = G.shape[-1], float(G.diagonal().mean())
+        ks = [max(1, int(f * d_in)) for f in fracs]
+        table = truncation_errors(G, C, U0, ks, [r * mean_e for r in args.real_rhos])
+        for i, r in enumerate(args.real_rhos):
+            for j, f in enumerate(fracs):
+                errs[(f, r)].append(float(table[i, j]))
+    print(f"# rank-k truncation error on real task vectors: {len(names)} modules, T={len(experts)}, "
+          f"U0 = 0.3 * sum U_t; relative Frobenius error of U(lam) vs the exact solve")
+    print("| k / d_in | rho | median error | max error |")
+    print("|---|---|---|---|")
+    for r in args.real_rhos:
+        for f in fracs:
+            e = sorted(errs[(f, r)])
+            print(f"| {f} | {r:g} | {e[len(e) // 2]:.2e} | {e[-1]:.2e} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--hidden", type=int, nargs="*", default=[512, 2048])
     ap.add_argument("--inter-ratio", type=float, default=2.75,
                     help="MLP width = ratio * h rounded to 128 (2.75: 2048 -> 5632 as TinyLlama)")
     ap.add_argument("--T", type=int, default=2, help="experts in the synthetic statistics")
@@ -100,11 +137,19 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--real-base", default=None, help="folder with the base model.safetensors")
+    ap.add_argument("--real-experts", nargs="*", default=[], help="expert folders (model.safetensors)")
+    ap.add_argument("--real-fracs", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5])
+    ap.add_argument("--real-rhos", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    if args.real_base:
+        real_truncation(args)
+    if not args.hidden:
+        return
     print(f"# search re-solve, one layer per trial, {args.dtype} on {dev_name}, T={args.T}, rho=0.01, "
           f"median of {args.reps}")
     print("| hidden | inter | modules | eigh once (s) | Cholesky trial (s) | eigen trial (s) | speed-up "

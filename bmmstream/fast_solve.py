@@ -130,6 +130,30 @@ def solve_dense(G: torch.Tensor, C: torch.Tensor, U0: torch.Tensor, lam: float |
     return torch.cholesky_solve(rhs, L).transpose(-1, -2)
 
 
+def truncation_errors(
+    G: torch.Tensor, C: torch.Tensor, U0: torch.Tensor, ks: list[int], lams: list[float]
+) -> torch.Tensor:
+    """Relative Frobenius error ||U_k(lam) - U(lam)|| / ||U(lam)||, shape [len(lams), len(ks), ...]
+    (leading module dimensions last); one eigendecomposition in float64 for all k and lam."""
+    G64, C64, U064 = G.double(), C.double(), U0.double()
+    e, Q = eigen_factor(G64)
+    CQ, U0Q = C64 @ Q, U064 @ Q
+    tiny = torch.finfo(torch.float64).tiny
+    out = []
+    for lam in lams:
+        exact = solve_eigen(CQ, U0Q, e, Q, lam)
+        den = torch.linalg.matrix_norm(exact).clamp_min(tiny)
+        row = []
+        for k in ks:
+            if not 1 <= k <= G.shape[-1]:
+                raise ValueError(f"rank k={k} must be in [1, {G.shape[-1]}]")
+            A = CQ[..., :k] - U0Q[..., :k] * e[..., :k].unsqueeze(-2)
+            approx = solve_eigen_truncated(U064, A, e[..., :k], Q[..., :k], lam)
+            row.append(torch.linalg.matrix_norm(approx - exact) / den)
+        out.append(torch.stack(row))
+    return torch.stack(out)
+
+
 def truncation_error(
     G: torch.Tensor, C: torch.Tensor, U0: torch.Tensor, k: int, lam: float | torch.Tensor
 ) -> torch.Tensor:

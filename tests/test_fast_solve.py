@@ -9,6 +9,7 @@ from bmmstream.fast_solve import (
     solve_eigen,
     solve_eigen_truncated,
     truncation_error,
+    truncation_errors,
 )
 
 
@@ -126,3 +127,14 @@ def test_bad_rank_rejected():
     G, C, U0 = _stats(1, 2, 4, 8, torch.float64)
     with pytest.raises(ValueError, match=r"rank k=5 must be in \[1, 4\]"):
         prepare(G, C, U0, k=5)
+
+
+def test_truncation_errors_table_matches_single_calls():
+    G, C, U0 = _stats(2, 4, 8, 32, torch.float64, seed=8)
+    ks, lams = [1, 3, 8], [1e-3, 0.5]
+    table = truncation_errors(G, C, U0, ks, lams)
+    assert table.shape == (2, 3, 2)
+    for i, lam in enumerate(lams):
+        for j, k in enumerate(ks):
+            assert torch.allclose(table[i, j], truncation_error(G, C, U0, k, lam), rtol=1e-9, atol=1e-14)
+    assert table[:, -1].max() < 1e-12

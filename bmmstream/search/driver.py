@@ -142,6 +142,12 @@ def _stop_threads(obj: Any, seen: set[int]) -> None:
                 _stop_threads(x, seen)
 
 
+def _nevergrad_version() -> str:
+    import nevergrad as ng
+
+    return str(getattr(ng, "__version__", "unknown"))
+
+
 def _make_asker(space, optimizer, budget, seed, num_workers) -> _Asker:
     if optimizer == "grid":
         return _GridAsker(space, budget)
@@ -281,7 +287,7 @@ def run_search(
     root = Path(run_dir) / "search"
     search_dir = root / _search_id(meta)
     search_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(search_dir / "meta.json", meta)
+    _write_json_atomic(search_dir / "meta.json", {**meta, "nevergrad_version": _nevergrad_version()})
     cache = ScoreCache(root / "scores.jsonl")
     history = History(search_dir / "history.jsonl")
     full = _Scorer(evaluate, "full", scorer_id, data_hash, context, cache)
