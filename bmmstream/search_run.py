@@ -145,13 +145,32 @@ def _collect(job, model, store, progress: bool) -> tuple[list[_Batch], dict[str,
     return batches, params
 
 
+def _with_fixed_groups(point: dict, method, key: str) -> dict:
+    """Groups the search does not tie (modules outside attention/MLP, e.g. a BERT pooler) keep the
+    config's rho/lam; they are added to every block of a point so the written merge agrees."""
+    fixed = method.rho if key == "rho" else method.lam
+    if fixed is None:  # lam searched while the config gave rho: fall back to the default rho rule
+        return point
+    blocks = []
+    for b, blk in enumerate(point["blocks"]):
+        vals = dict(fixed[min(b, len(fixed) - 1)])
+        vals.update(blk[key])
+        blocks.append({**blk, key: vals})
+    return {**point, "blocks": blocks}
+
+
 def _apply(point: dict, batches: list[_Batch], params: dict, key: str, default_eps: float) -> None:
     """Write W_pre + s U(lam) for every regressed module of the resident model."""
     blocks = point["blocks"]
     with torch.no_grad():
         for b in batches:
             dt, dev = b.W_pre.dtype, b.W_pre.device
-            hp = torch.tensor([blocks[min(k, len(blocks) - 1)][key][g] for k, g in zip(b.blocks, b.groups)], dtype=dt, device=dev)
+            try:
+                hp = torch.tensor([blocks[min(k, len(blocks) - 1)][key][g] for k, g in zip(b.blocks, b.groups)],
+                                  dtype=dt, device=dev)
+            except KeyError as e:
+                raise BmmError(f"search: no {key} for group {e} (modules outside attention/MLP, e.g. "
+                               f"'{b.names[0]}'); give parameters.{key} for it") from None
             s = torch.tensor([blocks[min(k, len(blocks) - 1)]["scale"] for k in b.blocks], dtype=dt, device=dev)
             if b.spectral is not None:
                 lam = b.spectral.lam(hp) if key == "rho" else hp
@@ -231,7 +250,7 @@ def search_merge(
 
             def scored(scorer):
                 def fn(point: dict) -> float:
-                    _apply(point, batches, params, key, default_eps)
+                    _apply(_with_fixed_groups(point, job.method, key), batches, params, key, default_eps)
                     with torch.no_grad():
                         return float(scorer(model))
 
@@ -249,7 +268,7 @@ def search_merge(
             )
             write_report(result, job.run.root / "search-report")
             del model, batches, params
-            best = result.best_params
+            best = _with_fixed_groups(result.best_params, job.method, key)
             (job.run.root / "best_params.json").write_text(json.dumps(best, indent=2, sort_keys=True))
             job.method = get_method("bmm", best_parameters(best, cfg.parameters, key), seed=cfg.seed)
             path = execute(job, progress=progress)

@@ -174,3 +174,39 @@ def test_killed_search_resumes_to_the_same_history_and_choice(tiny_llama_suite, 
     assert history(d / "run") == history(d / "ref")
     for f in sorted(p.name for p in (d / "ref" / "model").glob("*.safetensors")):
         assert (d / "ref" / "model" / f).read_bytes() == (d / "run" / "model" / f).read_bytes()
+
+
+POOL_SCORER = textwrap.dedent(
+    """
+    def score(model):
+        import torch
+        sd = model.state_dict()
+        return -float(sum(v.double().norm() for k, v in sd.items() if k.endswith("attention.self.query.weight")))
+    """
+)
+
+
+def test_search_on_bert_keeps_untied_modules_at_the_config_rho(tmp_path, monkeypatch):
+    """A BERT pooler is regressed but belongs to no searched group: it keeps parameters.rho, and the
+    written model equals an ordinary merge with the reported parameters."""
+    from bmmstream.synthetic import make_bert_suite
+    from bmmstream.search_run import best_parameters
+
+    suite = make_bert_suite(tmp_path / "bert", num_experts=2)
+    (tmp_path / "pool_scorer.py").write_text(POOL_SCORER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {
+        "base_model": str(suite.base), "models": [{"model": str(e)} for e in suite.experts],
+        "merge_method": "bmm", "dtype": "float64", "out_dtype": "float32",
+        "parameters": {"anchor": "task_arithmetic", "rho": {"other": 0.5}},
+        "search": {"optimizer": "random", "budget": 3, "rho_range": [1e-3, 1.0], "full_top_k": 0,
+                   "scorer": {"callable": "pool_scorer:score"}},
+    }
+    res = search_merge(cfg, run_dir=tmp_path / "run", device="cpu", progress=False)
+    assert res["best_params"]["blocks"][0]["rho"]["other"] == 0.5
+    plain = {k: v for k, v in cfg.items() if k != "search"}
+    plain["parameters"] = best_parameters(res["best_params"], cfg["parameters"], "rho")
+    ref = bmmstream.merge(plain, out=tmp_path / "plain", run_dir=tmp_path / "plain-run", device="cpu", progress=False)
+    a, b = load_file(ref / "model.safetensors"), load_file(res["output"] / "model.safetensors")
+    assert any("pooler" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
