@@ -112,6 +112,14 @@ def test_label_likelihood_scorer_and_proxy(tmp_path, tok):
     expect = (sum(r["answer"] == "yes" for r in sub_a) / 3 + sum(r["answer"] == 1 for r in sub_b) / 3) / 2
     assert proxy(model) == pytest.approx(expect)
     assert proxy.id != full.id and proxy.data_hash != full.data_hash
+    # an explicit proxy on other data: its data hash is part of its id (the search keys scores by id)
+    _write_jsonl(tmp_path / "p.jsonl", rows_a[:2])
+    explicit = {"kind": "label_likelihood", "data": {"a": "a.jsonl"},
+                "proxy": {"kind": "label_likelihood", "data": {"a": "p.jsonl"}}}
+    _, p1 = make_scorers(explicit, tokenizer=tok, base_dir=tmp_path)
+    _write_jsonl(tmp_path / "p.jsonl", rows_a[2:4])
+    _, p2 = make_scorers(explicit, tokenizer=tok, base_dir=tmp_path)
+    assert p1.id.startswith("proxy:label_likelihood:data=") and p1.id != p2.id
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "the", "choices": ["yes"]}])
     with pytest.raises(BmmError, match=r"label_likelihood task 'a': a row lacks \['answer'\]$"):
         make_scorers({"kind": "label_likelihood", "data": {"a": str(bad)}}, tokenizer=tok)

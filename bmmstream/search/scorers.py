@@ -281,7 +281,8 @@ def make_scorers(cfg: dict, *, tokenizer: Any = None, base_dir: str | Path | Non
         if not isinstance(proxy_cfg, dict):
             raise BmmError("search.scorer.proxy must be a mapping like the scorer itself")
         proxy = _build(proxy_cfg, tokenizer, bd, None, seed, "")
-        proxy.id = f"proxy:{proxy.id}"
+        # the search keys scores by (id, the full scorer's data hash): the proxy's own data goes in its id
+        proxy.id = f"proxy:{proxy.id}" + (f":data={proxy.data_hash}" if proxy.data_hash else "")
         return full, proxy
     if "proxy_size" in cfg:
         n = cfg["proxy_size"]
