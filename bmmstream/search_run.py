@@ -30,9 +30,8 @@ from tqdm.auto import tqdm
 from bmmstream.errors import BmmError
 from bmmstream.fast_solve import prepare as spectral_prepare
 from bmmstream.methods.registry import get_method
-from bmmstream.plan import GROUPS
 from bmmstream.solve import bmm_solve
-from bmmstream.stats import combine, datafree_stats, hybrid_grams
+from bmmstream.stats import combine, hybrid_grams
 
 
 @dataclass

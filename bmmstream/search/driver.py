@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bmmstream.errors import BmmError
+from bmmstream.writer import write_json_atomic
 from bmmstream.search.history import History, ScoreCache, Trial, cache_key
 from bmmstream.search.space import SearchSpace
 
@@ -162,12 +162,6 @@ def _search_id(meta: dict) -> str:
     return f"{meta['optimizer']}-seed{meta['seed']}-budget{meta['budget']}-{h}"
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 class _Scorer:
     """Cache-aware evaluation at one fidelity; counts the evaluations it runs."""
 
@@ -287,7 +281,7 @@ def run_search(
     root = Path(run_dir) / "search"
     search_dir = root / _search_id(meta)
     search_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(search_dir / "meta.json", {**meta, "nevergrad_version": _nevergrad_version()})
+    write_json_atomic(search_dir / "meta.json", {**meta, "nevergrad_version": _nevergrad_version()})
     cache = ScoreCache(root / "scores.jsonl")
     history = History(search_dir / "history.jsonl")
     full = _Scorer(evaluate, "full", scorer_id, data_hash, context, cache)

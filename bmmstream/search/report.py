@@ -2,10 +2,11 @@
 scores.png (score per trial, best-so-far line, full-fidelity re-scores marked)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
+
+from bmmstream.writer import write_json_atomic
 
 
 def best_record(result) -> dict:
@@ -34,9 +35,7 @@ def write_report(result, out_dir: str | Path | None = None) -> tuple[Path, Path]
     out = Path(out_dir) if out_dir is not None else Path(result.search_dir)
     out.mkdir(parents=True, exist_ok=True)
     best_path, png_path = out / "best.json", out / "scores.png"
-    tmp = best_path.with_name("best.json.tmp")
-    tmp.write_text(json.dumps(best_record(result), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, best_path)
+    write_json_atomic(best_path, best_record(result))
 
     search = [t for t in result.trials if t.phase == "search"]
     final = [t for t in result.trials if t.phase == "final"]
