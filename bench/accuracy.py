@@ -321,6 +321,8 @@ def main(argv=None) -> None:
                    help="per suite: start no new method after this many minutes (the table says which were not run)")
     p.add_argument("--smoke", action="store_true", help="tiny run on <cache>/smoke, no RESULTS.md update")
     p.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the RESULTS.md section and charts from the saved suite summaries")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -331,6 +333,8 @@ def main(argv=None) -> None:
                                      key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
     suites = ["encoder", "decoder"] if args.suite == "all" else [args.suite]
 
+    if args.report_only:
+        suites = []
     for name in suites:
         sdir = args.cache / name
         manifest = json.loads((sdir / "manifest.json").read_text())
@@ -345,6 +349,11 @@ def main(argv=None) -> None:
         png = (args.out / name / f"accuracy_{name}.png") if args.smoke else (ROOT / "bench" / f"accuracy_{name}.png")
         chart(res, png)
         print(table(res), flush=True)
+    if args.report_only:
+        for name in ("encoder", "decoder"):
+            path = args.out / name / "summary.json"
+            if path.exists():
+                chart(json.loads(path.read_text()), ROOT / "bench" / f"accuracy_{name}.png")
     if not args.smoke:
         update_results_md(args.results_md, results_section(args.cache, args.out))
 
@@ -364,7 +373,7 @@ def results_section(cache: Path, out: Path) -> str:
         res = json.loads(path.read_text())
         manifest = json.loads((cache / name / "manifest.json").read_text())
         body += [f"### {name} suite", "",
-                 f"Experts built in {manifest['build_seconds'] / 60:.1f} min ({manifest['threads']} thread, shared CPU); "
+                 f"Experts built in {manifest['build_seconds'] / 60:.1f} min ({manifest['threads']} torch thread(s) on a shared 2-core CPU); "
                  "base = pretrained model (encoder: with each expert's own head):", "", build_table(manifest), "",
                  f"Benchmark: `bench/accuracy.py {res.get('command', '')}`, {res['seconds'] / 60:.1f} min; selection on "
                  f"{res.get('val_limit')} validation rows per task."
