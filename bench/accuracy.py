@@ -207,11 +207,11 @@ def run_suite(suite: Suite, out: Path, methods: list[str], rho: tuple, scales: t
     bmm_da: dict[str, dict] = {}
     skipped = []
     for m in methods:
-        if time.time() - t0 > budget_s:
-            skipped.append(m)
-            continue
         needs_data = m in NEEDS_DATA
         if needs_data and not data_assisted:
+            continue
+        if time.time() - t0 > budget_s:
+            skipped.append(m)
             continue
         grid = GRIDS.get(m, [{}])
         if smoke:
@@ -374,10 +374,10 @@ def results_section(cache: Path, out: Path) -> str:
         manifest = json.loads((cache / name / "manifest.json").read_text())
         body += [f"### {name} suite", "",
                  f"Experts built in {manifest['build_seconds'] / 60:.1f} min ({manifest['threads']} torch thread(s) on a shared 2-core CPU); "
-                 "base = pretrained model (encoder: with each expert's own head):", "", build_table(manifest), "",
+                 "base = the pretrained model" + (" with each expert's own head" if name == "encoder" else "") + ":", "", build_table(manifest), "",
                  f"Benchmark: `bench/accuracy.py {res.get('command', '')}`, {res['seconds'] / 60:.1f} min; selection on "
                  f"{res.get('val_limit')} validation rows per task."
-                 + (f" Not run (time budget): {', '.join(res['not_run'])}." if res["not_run"] else ""), "",
+                 + (f" Not run (time budget, or needs data without --data-assisted): {', '.join(res['not_run'])}." if res["not_run"] else ""), "",
                  table(res), "", f"![{name}](accuracy_{name}.png)", ""]
     return "\n".join(body)
 
