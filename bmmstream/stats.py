@@ -27,13 +27,26 @@ def combine(deltas: torch.Tensor, grams: torch.Tensor) -> tuple[torch.Tensor, to
     return G, C
 
 
-def datafree_stats(deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """G = sum_t U_t^T U_t and C = sum_t U_t U_t^T U_t, accumulated task by task."""
+def task_weights(deltas: torch.Tensor) -> torch.Tensor:
+    """w_t = mean_s ||U_s||^2 / ||U_t||^2: weights that give every task's Gram the same trace.
+
+    The raw data-free sum weighs task t by ||U_t||^2, so an expert trained for fewer steps (a
+    smaller task vector) is under-represented in G; these weights undo that, the data-free
+    counterpart of dividing X_t X_t^T by n_t. Equal norms give weights 1 (the raw sum)."""
+    sq = deltas.flatten(1).pow(2).sum(1)
+    w = sq.mean() / sq.clamp_min(torch.finfo(sq.dtype).tiny)
+    return torch.where(sq > 0, w, torch.zeros_like(w))
+
+
+def datafree_stats(deltas: torch.Tensor, normalize_tasks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """G = sum_t w_t U_t^T U_t and C = sum_t w_t U_t U_t^T U_t, accumulated task by task
+    (w_t = 1, the paper's Eq. 15, unless `normalize_tasks`: see task_weights)."""
     d_out, d_in = deltas.shape[-2:]
+    w = task_weights(deltas) if normalize_tasks else torch.ones(deltas.shape[0], dtype=deltas.dtype, device=deltas.device)
     G = torch.zeros(d_in, d_in, dtype=deltas.dtype, device=deltas.device)
     C = torch.zeros(d_out, d_in, dtype=deltas.dtype, device=deltas.device)
-    for U in deltas:  # one task's d_in x d_in Gram resident at a time
-        Gt = U.T @ U
+    for wt, U in zip(w, deltas):  # one task's d_in x d_in Gram resident at a time
+        Gt = wt * (U.T @ U)
         G += Gt
         C += U @ Gt
     return G, C

@@ -140,3 +140,23 @@ def test_bmm_rho_per_block_and_group():
 
     with pytest.raises(BmmError, match=r"^bmm: rho lists 1 values but blocks is 2$"):
         get_method("bmm", {"rho": [0.1], "blocks": 2})
+
+
+def test_task_normalised_datafree_stats():
+    U = _tasks(T=3, d_out=8, d_in=6, seed=11)
+    U = U * torch.tensor([1.0, 0.2, 3.0], dtype=torch.float64)[:, None, None]
+    G, C = datafree_stats(U, normalize_tasks=True)
+    sq = torch.tensor([float(u.norm() ** 2) for u in U], dtype=torch.float64)
+    w = sq.mean() / sq
+    assert _rel(G, sum(w[t] * U[t].T @ U[t] for t in range(3))) < 1e-13
+    assert _rel(C, sum(w[t] * U[t] @ U[t].T @ U[t] for t in range(3))) < 1e-13
+    # every task's weighted Gram has the same trace
+    tr = [float((w[t] * U[t].T @ U[t]).trace()) for t in range(3)]
+    assert max(tr) / min(tr) < 1 + 1e-12
+    # equal norms: identical to the raw sum; T = 1: its own task vector at any lam
+    V = U / U.flatten(1).norm(dim=1)[:, None, None]
+    for a, b in zip(datafree_stats(V, True), datafree_stats(V)):
+        assert _rel(a, b) < 1e-13
+    G1, C1 = datafree_stats(U[:1], True)
+    out, _ = bmm_solve(G1[None], C1[None], U[:1], torch.tensor([0.5], dtype=torch.float64))
+    assert _rel(out[0], U[0]) < 1e-10

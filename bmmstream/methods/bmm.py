@@ -9,6 +9,8 @@ as a list (one entry per block), rho/lam entries being a number or a mapping gro
 Tensors that are not regressed (kind "vector": biases and norms; kind "embedding": embeddings
 and lm_head, which are vocab-sized and never form vocab x vocab products) take the anchor's value
 W_pre + U0, unscaled. Defaults: anchor task_arithmetic (scale 0.3), rho 0.01, scale 1.0.
+`normalize_tasks: true` weighs each task's data-free Gram to equal trace (stats.task_weights), so
+experts with small task vectors are not drowned out; off by default (the paper's raw sum).
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ class BMM(MergeMethod):
         "blocks": 1,
         "eps": 0.5,
         "keep_statistics": False,
+        "normalize_tasks": False,
     }
     uses_statistics = True
 
@@ -112,12 +115,13 @@ class BMM(MergeMethod):
     def module_statistics(self, inp: ModuleInput) -> dict[str, torch.Tensor]:
         """G and C of one linear module from its task vectors (and input Grams when collected)."""
         kind = self.params["statistics"]
+        norm = bool(self.params["normalize_tasks"])
         if kind == "data_free":
-            G, C = datafree_stats(inp.deltas)
+            G, C = datafree_stats(inp.deltas, norm)
         elif inp.grams is None:
             # linears outside the layer stack (e.g. BERT's pooler) see no calibration input:
             # they fall back to the data-free statistics
-            G, C = datafree_stats(inp.deltas)
+            G, C = datafree_stats(inp.deltas, norm)
         else:
             grams = inp.grams if kind == "data_assisted" else hybrid_grams(inp.deltas, inp.grams, float(self.params["eps"]))
             G, C = combine(inp.deltas, grams)
