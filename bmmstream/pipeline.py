@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -109,6 +110,10 @@ class Job:
     method: MergeMethod
     layout: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
 
+    @cached_property
+    def specs(self) -> dict:
+        return self.plan.by_name()
+
     @property
     def needs_grams(self) -> bool:
         return bool(getattr(self.method, "needs_grams", False))
@@ -187,7 +192,7 @@ def _unit_inputs(
 ) -> tuple[list[ModuleInput], dict[str, torch.Tensor]]:
     """Base and task vectors of one unit in the compute dtype on the device; raw tensors that are
     not floating point (ids, masks) are passed through untouched."""
-    by_name = job.plan.by_name()
+    by_name = job.specs
     dtype = job.cfg.compute_dtype
     inputs, passthrough = [], {}
     for n in names:
@@ -196,7 +201,10 @@ def _unit_inputs(
             passthrough[n] = raw
             continue
         base = raw.to(job.device, dtype)
-        deltas = torch.stack([e.get(n).to(job.device, dtype) - base for e in job.sources.experts])
+        deltas = torch.empty((len(job.sources.experts), *base.shape), dtype=dtype, device=job.device)
+        for t, e in enumerate(job.sources.experts):  # filled in place: no T-fold temporary copy
+            deltas[t].copy_(e.get(n))
+            deltas[t] -= base
         grams = None
         if store is not None and job.needs_grams and by_name[n].kind == "linear":
             grams = module_grams(store, n, len(job.sources.experts), job.device, dtype)
