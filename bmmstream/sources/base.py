@@ -86,6 +86,22 @@ AUX_FILES = (
 )
 
 
+def read_config_json(path: Path, label: str | None = None) -> dict:
+    """config.json as a dict; `label` names the file in errors (a Hub source's repo/file)."""
+    import json
+
+    from bmmstream.errors import BmmError
+
+    where = label or str(path)
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise BmmError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise BmmError(f"{where}: not a JSON object")
+    return cfg
+
+
 def open_source(spec: str, **options) -> TensorSource:
     """Open a local folder, or a Hub repo written `org/name[@rev]` / `hf://org/name[@rev]`."""
     p = Path(spec).expanduser()

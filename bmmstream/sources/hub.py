@@ -48,7 +48,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from bmmstream.errors import BmmError
-from bmmstream.sources.base import AUX_FILES, ST_TO_TORCH, TensorInfo
+from bmmstream.sources.base import AUX_FILES, ST_TO_TORCH, TensorInfo, read_config_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -478,14 +478,7 @@ class HubSource:
             if "config.json" not in self._files:
                 self._config = {}
             else:
-                p = self._download("config.json")
-                try:
-                    cfg = json.loads(p.read_text())
-                except ValueError as e:
-                    raise BmmError(f"{self._where('config.json')}: not valid JSON ({e})") from None
-                if not isinstance(cfg, dict):
-                    raise BmmError(f"{self._where('config.json')}: not a JSON object")
-                self._config = cfg
+                self._config = read_config_json(self._download("config.json"), self._where("config.json"))
         return dict(self._config)
 
     def aux_files(self) -> list[str]:

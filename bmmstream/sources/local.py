@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from bmmstream.errors import BmmError
-from bmmstream.sources.base import AUX_FILES, TensorInfo
+from bmmstream.sources.base import AUX_FILES, TensorInfo, read_config_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -162,16 +162,7 @@ class LocalSource:
     def config(self) -> dict:
         if self._config is None:
             p = self.folder / "config.json"
-            if not p.is_file():
-                self._config = {}
-            else:
-                try:
-                    cfg = json.loads(p.read_text())
-                except ValueError as e:
-                    raise BmmError(f"{p}: not valid JSON ({e})") from e
-                if not isinstance(cfg, dict):
-                    raise BmmError(f"{p}: not a JSON object")
-                self._config = cfg
+            self._config = read_config_json(p) if p.is_file() else {}
         return dict(self._config)
 
     def get(self, name: str) -> torch.Tensor:
