@@ -210,3 +210,14 @@ def test_search_on_bert_keeps_untied_modules_at_the_config_rho(tmp_path, monkeyp
     a, b = load_file(ref / "model.safetensors"), load_file(res["output"] / "model.safetensors")
     assert any("pooler" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_search_without_search_section_fails_cleanly(tiny_llama_suite, tmp_path):
+    cfg = _cfg(tiny_llama_suite)
+    cfg.pop("search")
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "-m", "bmmstream.cli", "search", str(tmp_path / "c.yaml"), "--run-dir",
+                        str(tmp_path / "r"), "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: search: the config has no 'search:' section"]
+    assert not (tmp_path / "r").exists()
