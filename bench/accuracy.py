@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -44,7 +45,8 @@ GRIDS: dict[str, list[dict]] = {
 }
 # cheap methods first, so a run cut short still fills most of the table
 ORDER = ["pretrained", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "dare", "poe_cauchy", "regmean", "wudi"]
-SKIP = {"bmm", "external"}  # bmm is run over every anchor; external needs a merged checkpoint
+SKIP = {"bmm", "external", "dare_linear"}  # bmm runs over every anchor; external needs a merged checkpoint;
+# dare_linear is the "dare" row (combine=task_arithmetic) under another name
 NEEDS_DATA = {"regmean"}
 BMM_RHO = (0.01, 0.1, 1.0)
 BMM_SCALE = (1.0,)
@@ -123,9 +125,20 @@ class Bench:
         self.data_samples = data_samples
 
     def save(self) -> None:
-        tmp = self.cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.cache, indent=1, sort_keys=True))
-        tmp.replace(self.cache_path)
+        """Merge our entries into the file under a lock, so several processes can share one cache
+        (e.g. two single-thread runs over disjoint --methods on the two cores)."""
+        import fcntl
+
+        with open(self.cache_path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+            for k, v in disk.items():
+                mine = self.cache.get(k)
+                if mine is None or ("test" in v and "test" not in mine):
+                    self.cache[k] = v
+            tmp = self.cache_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.cache, indent=1, sort_keys=True))
+            tmp.replace(self.cache_path)
 
     def config(self, method: str, params: dict, data: bool) -> dict:
         models = []
@@ -150,18 +163,22 @@ class Bench:
         shutil.rmtree(run_dir, ignore_errors=True)
         return folder, time.time() - t0
 
-    def select(self, label: str, method: str, grid: list[dict], data: bool = False) -> dict:
+    def select(self, label: str, method: str, grid: list[dict], data: bool = False,
+               realise=None, keep: Path | None = None) -> dict:
         """Score each grid point on val and the best on test; cached per configuration.
 
         The best-so-far merged folder is kept until the grid is done, so the winner is not merged twice.
+        `realise` maps a grid point to the parameters actually merged (the cache key stays the grid
+        point); `keep` moves the winner's folder there instead of deleting it.
         """
+        realise = realise or (lambda p: p)
         best_key, best_folder = None, None
         for params in grid:
             key = json.dumps([method, params, data], sort_keys=True)
             rec = self.cache.get(key)
             folder = None
             if rec is None or "val" not in rec:
-                folder, secs = self.merged(key, self.config(method, params, data))
+                folder, secs = self.merged(key, self.config(method, realise(params), data))
                 rec = {"label": label, "method": method, "params": params, "data": data,
                        "merge_seconds": secs, "val": self.suite.evaluate(folder, "val")}
                 self.cache[key] = rec
@@ -175,14 +192,26 @@ class Bench:
             elif folder is not None:
                 shutil.rmtree(folder)
         rec = self.cache[best_key]
-        if "test" not in rec:
+        if "test" not in rec or (keep is not None and not keep.exists()):
             if best_folder is None:
-                best_folder, _ = self.merged(best_key, self.config(rec["method"], rec["params"], rec["data"]))
-            rec["test"] = self.suite.evaluate(best_folder, "test")
-            self.save()
+                best_folder, _ = self.merged(best_key, self.config(rec["method"], realise(rec["params"]), rec["data"]))
+            if "test" not in rec:
+                rec["test"] = self.suite.evaluate(best_folder, "test")
+                self.save()
         if best_folder is not None:
-            shutil.rmtree(best_folder)
+            if keep is not None and not keep.exists():
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                best_folder.rename(keep)
+            else:
+                shutil.rmtree(best_folder)
         return rec
+
+    def pending(self, method: str, grid: list[dict], data: bool) -> bool:
+        """Whether select() would merge anything (a point without val, or the winner without test)."""
+        recs = [self.cache.get(json.dumps([method, p, data], sort_keys=True)) for p in grid]
+        if any(r is None or "val" not in r for r in recs):
+            return True
+        return "test" not in max(recs, key=lambda r: mean(r["val"]))
 
     def reference_rows(self) -> dict:
         """Pretrained base on every task and each expert on its own task (test and val)."""
@@ -216,13 +245,25 @@ def run_suite(suite: Suite, out: Path, methods: list[str], rho: tuple, scales: t
         grid = GRIDS.get(m, [{}])
         if smoke:
             grid = grid[:1]
-        anchors[m] = bench.select(PRETTY.get(m, m), m, grid, data=needs_data)
-        bmm_grid = [{"anchor": m, "anchor_parameters": anchors[m]["params"], "statistics": "data_free",
+        kept = out / "anchors" / m
+        anchor_pending = bench.pending(m, grid, needs_data)
+        best = bench.select(PRETTY.get(m, m), m, grid, data=needs_data, keep=kept if anchor_pending else None)
+        bmm_grid = [{"anchor": m, "anchor_parameters": best["params"], "statistics": "data_free",
                      "rho": r, "scale": s} for r in rho for s in scales]
-        bmm[m] = bench.select(f"BMM/{m}", "bmm", bmm_grid, data=needs_data)
+        da_grid = [dict(g, statistics="data_assisted") for g in bmm_grid] if data_assisted else []
+        # BMM reads the anchor's merged checkpoint (method 'external') instead of recomputing it per
+        # grid point: the same U up to float32 rounding of W_pre + U, and WUDI/PoE/TSV run once.
+        if not kept.exists() and (bench.pending("bmm", bmm_grid, needs_data) or bench.pending("bmm", da_grid, True)):
+            best = bench.select(PRETTY.get(m, m), m, grid, data=needs_data, keep=kept)
+        anchors[m] = best
+
+        def realise(params: dict, kept: Path = kept) -> dict:
+            return dict(params, anchor="external", anchor_parameters={"path": str(kept)})
+
+        bmm[m] = bench.select(f"BMM/{m}", "bmm", bmm_grid, data=needs_data, realise=realise)
         if data_assisted:
-            da_grid = [dict(g, statistics="data_assisted") for g in bmm_grid]
-            bmm_da[m] = bench.select(f"BMM-DA/{m}", "bmm", da_grid, data=True)
+            bmm_da[m] = bench.select(f"BMM-DA/{m}", "bmm", da_grid, data=True, realise=realise)
+        shutil.rmtree(kept, ignore_errors=True)
     return {"suite": suite.name, "tasks": suite.tasks, "reference": ref, "anchors": anchors,
             "bmm": bmm, "bmm_da": bmm_da, "not_run": skipped}
 
