@@ -165,3 +165,36 @@ def test_unknown_tensor(tmp_path, st_folder):
     src = LocalSource(tmp_path / "m", id="my/model")
     with pytest.raises(BmmError, match="my/model: no tensor 'nope'"):
         src.get("nope")
+
+
+def _raw_safetensors(path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_unreadable_dtype_is_refused_at_open(tmp_path):
+    (tmp_path / "m").mkdir()
+    f = tmp_path / "m" / "model.safetensors"
+    _raw_safetensors(f, {"w": {"dtype": "F8_E5M2", "shape": [4], "data_offsets": [0, 4]}}, bytes(4))
+    with pytest.raises(BmmError) as e:
+        LocalSource(tmp_path / "m")
+    assert str(e.value) == f"{f}: tensor 'w' has dtype F8_E5M2, which bmmstream cannot read"
+
+
+def test_malformed_header_entry_names_tensor(tmp_path):
+    (tmp_path / "m").mkdir()
+    f = tmp_path / "m" / "model.safetensors"
+    _raw_safetensors(f, {"w": {"dtype": "F32", "shape": [1]}}, bytes(4))
+    with pytest.raises(BmmError) as e:
+        LocalSource(tmp_path / "m")
+    assert str(e.value) == f"{f}: corrupt safetensors header entry for tensor 'w'"
+
+
+def test_header_larger_than_probe_is_read_whole(tmp_path):
+    """A header past the first 100 kB read (many tensors, long metadata) parses like a small one."""
+    (tmp_path / "m").mkdir()
+    f = tmp_path / "m" / "model.safetensors"
+    header = {"__metadata__": {"note": "x" * 150_000}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    _raw_safetensors(f, header, torch.tensor([1.5, -2.0]).numpy().tobytes())
+    src = LocalSource(tmp_path / "m")
+    assert torch.equal(src.get("w"), torch.tensor([1.5, -2.0]))

@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import threading
 import time
@@ -49,11 +48,10 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from bmmstream.errors import BmmError
 from bmmstream.sources.base import AUX_FILES, ST_TO_TORCH, TensorInfo, read_config_json
+from bmmstream.sources.header import parse_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-MAX_HEADER_BYTES = 100_000_000
-HEADER_PROBE = 100_000  # first range read; most headers fit (huggingface_hub uses the same probe)
 CHUNK = 1 << 20
 MAX_REQUEST_BYTES = 256 << 20  # one coalesced range request at most
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
@@ -366,46 +364,7 @@ class HubSource:
 
     def _read_header(self, fn: str) -> dict[str, tuple[TensorInfo, int, int]]:
         size = self._files.get(fn, -1)
-        first = self._read_bytes(fn, 0, min(size, HEADER_PROBE) if size >= 0 else HEADER_PROBE)
-        bad = f"{self._where(fn)}: corrupt safetensors header"
-        if len(first) < 8:
-            raise BmmError(f"{bad} (file is only {len(first)} bytes)")
-        n = struct.unpack("<Q", first[:8])[0]
-        if n > MAX_HEADER_BYTES or (size >= 0 and 8 + n > size):
-            raise BmmError(f"{bad} (declared header length {n} does not fit in a {size}-byte file)")
-        raw = bytes(first[8 : 8 + n])
-        if len(raw) < n:
-            raw += bytes(self._read_bytes(fn, 8 + len(raw), 8 + n))
-        try:
-            header = json.loads(raw.decode("utf-8"))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (UnicodeDecodeError, ValueError) as e:
-            raise BmmError(f"{bad} ({e})") from None
-        data_start = 8 + n
-        data_len = size - data_start if size >= 0 else None
-        out = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = str(entry["dtype"])
-                shape = tuple(int(s) for s in entry["shape"])
-                start, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise BmmError(f"{bad}: bad entry for tensor '{name}'") from None
-            if dtype not in ST_TO_TORCH:
-                raise BmmError(f"{self._where(fn)}: tensor '{name}' has dtype {dtype}, which bmmstream cannot read")
-            info = TensorInfo(shape, dtype)
-            if not (0 <= start <= end) or (data_len is not None and end > data_len):
-                raise BmmError(f"{bad}: tensor '{name}' data_offsets [{start}, {end}] lie outside the data section")
-            if end - start != info.nbytes:
-                raise BmmError(
-                    f"{bad}: tensor '{name}' {dtype}{list(shape)} needs {info.nbytes} bytes, "
-                    f"data_offsets span {end - start}"
-                )
-            out[name] = (info, data_start + start, data_start + end)
-        return out
+        return parse_header(self._where(fn), lambda a, b: self._read_bytes(fn, a, b), size if size >= 0 else None)
 
     # ---- byte transfer ---------------------------------------------------------------------
     def _read_bytes(self, fn: str, start: int, end: int) -> bytearray:

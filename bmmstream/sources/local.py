@@ -16,66 +16,25 @@ from safetensors import safe_open
 
 from bmmstream.errors import BmmError
 from bmmstream.sources.base import AUX_FILES, TensorInfo, read_config_json
+from bmmstream.sources.header import parse_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# A header larger than this is certainly corrupt (the safetensors library uses the same limit).
-MAX_HEADER_BYTES = 100_000_000
-
-
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header; raise BmmError naming the file if it is not valid."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise BmmError(f"{path}: corrupt safetensors header (file is only {size} bytes)")
-            n = int.from_bytes(head, "little")
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise BmmError(
-                    f"{path}: corrupt safetensors header (declared header length {n} "
-                    f"does not fit in a {size}-byte file)"
-                )
-            raw = f.read(n)
+
+            def read(start: int, end: int) -> bytes:
+                f.seek(start)
+                return f.read(end - start)
+
+            entries = parse_header(str(path), read, size)
     except OSError as e:
         raise BmmError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise BmmError(f"{path}: corrupt safetensors header ({e})") from e
-
-    data_len = size - 8 - n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = str(entry["dtype"])
-            shape = tuple(int(s) for s in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise BmmError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from e
-        if not (0 <= start <= end <= data_len):
-            raise BmmError(
-                f"{path}: corrupt safetensors header: tensor '{name}' data_offsets "
-                f"[{start}, {end}] lie outside the {data_len}-byte data section"
-            )
-        info = TensorInfo(shape, dtype)
-        try:
-            expected = info.nbytes
-        except KeyError:
-            expected = None  # a dtype torch-side code does not know (e.g. F8); size unchecked
-        if expected is not None and end - start != expected:
-            raise BmmError(
-                f"{path}: corrupt safetensors header: tensor '{name}' {dtype}{list(shape)} "
-                f"needs {expected} bytes, data_offsets span {end - start}"
-            )
-        infos[name] = info
-    return infos
+    return {name: info for name, (info, _, _) in entries.items()}
 
 
 def find_weight_files(folder: Path) -> list[Path]:
