@@ -114,7 +114,8 @@ def plan(config: Path = typer.Argument(...), device: str = DeviceOpt, as_json: b
     typer.echo(f"regressed modules by group: {rep['counts']['groups']}")
     typer.echo(f"peak RAM (one unit resident): ~{_human(est['peak_ram_bytes'])}")
     typer.echo(f"output on disk: {_human(est['output_bytes'])}; statistics on disk at once: {_human(est['stats_disk_bytes'])}")
-    typer.echo(f"bytes read: {_human(est['read_bytes'])}; compute: {est['flops']:.3g} FLOP")
+    calib = f" (calibration forward: {est['calibration_flops']:.3g})" if est["calibration_flops"] else ""
+    typer.echo(f"bytes read: {_human(est['read_bytes'])}; compute: {est['flops']:.3g} FLOP{calib}")
     typer.echo(
         f"time: ~{est['seconds']:.3g} s on {est['device']} "
         f"(measured {est['measured_flops_per_s'] / 1e9:.1f} GFLOP/s, assumed reads {est['assumed_read_bytes_per_s'] / 1e9:.1f} GB/s)"

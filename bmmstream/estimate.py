@@ -1,7 +1,9 @@
 """`bmm plan`: what a merge will do and cost, from the headers alone, before any heavy work.
 
 Time is estimated from a measured matmul throughput on the chosen device and an assumed read
-bandwidth (local disk 1 GB/s; say so in the report, as it varies most).
+bandwidth (local disk 1 GB/s; say so in the report, as it varies most). Runs that need calibration
+Grams add one forward of each expert over its calibration data, counted at its upper bound
+(samples x max_len tokens, as padded batches run every position).
 """
 from __future__ import annotations
 
@@ -37,6 +39,12 @@ def module_flops(d_out: int, d_in: int, T: int, method: str, statistics: str = "
     chol = d_in**3 / 3.0
     solve = 2.0 * d_in * d_in * d_out
     return grams + c + chol + solve
+
+
+def calibration_flops(layer_params: int, site_dims: list[int], tokens: int) -> float:
+    """One expert's calibration forward: 2 FLOP per weight per token through the layer stack, plus
+    the X^T X accumulation at each input site (attention scores are left out: short sequences)."""
+    return 2.0 * layer_params * tokens + sum(2.0 * tokens * d * d for d in site_dims)
 
 
 def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
@@ -82,6 +90,18 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
     )
     passes = 2 if method.needs_prepass else 1
     read_bytes = (T + 1) * in_bytes * passes
+    calib_flops = 0.0
+    if getattr(method, "needs_grams", False):
+        from bmmstream.calibration import CalibrationSpec
+
+        layer_params = sum(infos[m.name].numel for m in plan.modules if m.layer is not None)
+        sites = {(m.layer, m.group): m.shape[1] for m in plan.modules if m.layer is not None and m.kind == "linear"}
+        for model in cfg.models:
+            if model.calibration is None:
+                continue  # validation names the missing data when the run starts
+            spec = CalibrationSpec.from_dict(model.calibration)
+            calib_flops += calibration_flops(layer_params, list(sites.values()), spec.samples * spec.max_len)
+        read_bytes += T * in_bytes
     fps = measure_flops(dev)
     keep = bool(cfg.parameters.get("keep_statistics", False)) or cfg.search is not None
     return {
@@ -104,9 +124,10 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
             "output_bytes": int(out_bytes),
             "stats_disk_bytes": int(stats_total if keep else stats_peak),
             "read_bytes": int(read_bytes),
-            "flops": float(flops),
+            "flops": float(flops + calib_flops),
+            "calibration_flops": float(calib_flops),
             "measured_flops_per_s": fps,
             "assumed_read_bytes_per_s": READ_BANDWIDTH,
-            "seconds": flops / fps + read_bytes / READ_BANDWIDTH,
+            "seconds": (flops + calib_flops) / fps + read_bytes / READ_BANDWIDTH,
         },
     }

@@ -108,3 +108,18 @@ def test_missing_calibration_is_one_clear_error(tiny_llama_suite, tmp_path):
     with pytest.raises(bmmstream.errors.BmmError, match=r"need calibration data for every model; none given for: .*expert_1$"):
         bmmstream.merge(cfg, out=tmp_path / "m", run_dir=tmp_path / "r", device="cpu", progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_plan_counts_the_calibration_forward(tiny_llama_suite, tmp_path):
+    """bmm plan adds each expert's calibration forward (samples x max_len tokens) to the compute."""
+    s = tiny_llama_suite.spec
+    h, i, kv = s.hidden, s.intermediate, s.kv_heads * s.head_dim
+    layer_params = 2 * h * h + 2 * kv * h + 3 * h * i + 2 * h  # q, o, k, v, gate/up/down, two norms
+    site_d2 = 3 * h * h + i * i  # inputs of q/k/v, o, gate/up (width h) and down (width i)
+    tokens = 7 * 10  # _calib: samples 7, max_len 10
+    want = len(tiny_llama_suite.experts) * s.layers * (2 * layer_params * tokens + 2 * tokens * site_d2)
+    da = bmmstream.plan_merge(_cfg(tiny_llama_suite, tmp_path, statistics="data_assisted"), device="cpu")
+    df = bmmstream.plan_merge(_cfg(tiny_llama_suite, tmp_path, statistics="data_free"), device="cpu")
+    assert da["estimate"]["calibration_flops"] == want
+    assert df["estimate"]["calibration_flops"] == 0
+    assert da["estimate"]["flops"] - want < df["estimate"]["flops"]  # data-assisted skips the data-free Grams
