@@ -10,8 +10,10 @@ SmolLM2-135M-Instruct with label-likelihood scoring) this reports the test accur
 Selection maximises the mean validation accuracy over tasks; only the picked configuration is
 scored on test. Results are cached per configuration (results.json), so a killed run resumes.
 
-    nice -n 10 python bench/accuracy.py                     # both suites, writes bench/RESULTS.md
-    python bench/accuracy.py --smoke                        # tiny CI run on tools/cache/smoke
+    nice -n 10 python bench/accuracy.py --data-assisted --jobs 2   # both suites, writes bench/RESULTS.md
+    python bench/accuracy.py --smoke                               # tiny CI run on tools/cache/smoke
+With --jobs N the methods are split over N worker processes (one torch thread each by default) that
+share each suite's result cache; the tables are then assembled from the cache.
 """
 from __future__ import annotations
 
@@ -227,7 +229,9 @@ class Bench:
 
 
 def run_suite(suite: Suite, out: Path, methods: list[str], rho: tuple, scales: tuple,
-              data_assisted: bool, data_samples: int, smoke: bool, budget_s: float = float("inf")) -> dict:
+              data_assisted: bool, data_samples: int, smoke: bool, budget_s: float = float("inf"),
+              cached_only: bool = False) -> dict:
+    """cached_only: report what the cache holds, merge nothing (assembling after --jobs workers)."""
     t0 = time.time()
     bench = Bench(suite, out, data_samples)
     ref = bench.reference_rows()
@@ -247,12 +251,19 @@ def run_suite(suite: Suite, out: Path, methods: list[str], rho: tuple, scales: t
             grid = grid[:1]
         kept = out / "anchors" / m
         anchor_pending = bench.pending(m, grid, needs_data)
+        if cached_only and anchor_pending:
+            skipped.append(m)
+            continue
         best = bench.select(PRETTY.get(m, m), m, grid, data=needs_data, keep=kept if anchor_pending else None)
         bmm_grid = [{"anchor": m, "anchor_parameters": best["params"], "statistics": "data_free",
                      "rho": r, "scale": s} for r in rho for s in scales]
         da_grid = [dict(g, statistics="data_assisted") for g in bmm_grid] if data_assisted else []
         # BMM reads the anchor's merged checkpoint (method 'external') instead of recomputing it per
         # grid point: the same U up to float32 rounding of W_pre + U, and WUDI/PoE/TSV run once.
+        if cached_only and (bench.pending("bmm", bmm_grid, needs_data) or bench.pending("bmm", da_grid, True)):
+            anchors[m] = best
+            skipped.append(f"BMM over {m}")
+            continue
         if not kept.exists() and (bench.pending("bmm", bmm_grid, needs_data) or bench.pending("bmm", da_grid, True)):
             best = bench.select(PRETTY.get(m, m), m, grid, data=needs_data, keep=kept)
         anchors[m] = best
@@ -364,6 +375,10 @@ def main(argv=None) -> None:
     p.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite the RESULTS.md section and charts from the saved suite summaries")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the methods in this many worker processes (--threads each) sharing the result "
+                        "cache, then assemble the tables here")
+    p.add_argument("--no-report", action="store_true", help="leave RESULTS.md, summaries and charts alone (workers)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -374,18 +389,28 @@ def main(argv=None) -> None:
                                      key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
     suites = ["encoder", "decoder"] if args.suite == "all" else [args.suite]
 
-    if args.report_only:
-        suites = []
-    for name in suites:
+    def make_suite(name: str) -> Suite:
         sdir = args.cache / name
         manifest = json.loads((sdir / "manifest.json").read_text())
-        limit = args.val_limit or (8 if args.smoke else (100 if name == "encoder" else 40))
-        suite = Suite(name, sdir, list(manifest["tasks"]), limit)
-        t0 = time.time()
+        return Suite(name, sdir, list(manifest["tasks"]), args.val_limit or (8 if args.smoke else (100 if name == "encoder" else 40)))
+
+    t_start = time.time()
+    if args.report_only:
+        suites = []
+    elif args.jobs > 1:
+        for name in suites:  # once here, not once per worker
+            Bench(make_suite(name), args.out / name, args.data_samples).reference_rows()
+        run_workers(args, methods)
+    for name in suites:
+        suite = make_suite(name)
+        limit = suite.val_limit
+        t0 = t_start if args.jobs > 1 else time.time()  # with workers: the whole command's wall time
         res = run_suite(suite, args.out / name, methods, tuple(args.rho), tuple(args.scale),
                         args.data_assisted, args.data_samples, args.smoke,
-                        60 * args.budget_min if args.budget_min else float("inf"))
-        res.update(seconds=time.time() - t0, val_limit=limit, command=" ".join(sys.argv[1:]))
+                        60 * args.budget_min if args.budget_min else float("inf"), cached_only=args.jobs > 1)
+        if args.no_report:
+            continue
+        res.update(seconds=time.time() - t0, val_limit=limit, command=" ".join(sys.argv[1:]), jobs=args.jobs)
         (args.out / name / "summary.json").write_text(json.dumps(res, indent=1))
         png = (args.out / name / f"accuracy_{name}.png") if args.smoke else (ROOT / "bench" / f"accuracy_{name}.png")
         chart(res, png)
@@ -395,8 +420,40 @@ def main(argv=None) -> None:
             path = args.out / name / "summary.json"
             if path.exists():
                 chart(json.loads(path.read_text()), ROOT / "bench" / f"accuracy_{name}.png")
-    if not args.smoke:
+    if not (args.smoke or args.no_report):
         update_results_md(args.results_md, results_section(args.cache, args.out))
+
+
+# rough relative cost of a method's row (anchor grid + BMM grids) on the decoder suite, for balancing
+COST = {"poe_cauchy": 4.0, "wudi": 2.5, "regmean": 1.5}
+
+
+def run_workers(args, methods: list[str]) -> None:
+    """Split the methods over args.jobs worker processes (longest first onto the least loaded) and
+    wait for them; they share the per-suite result caches, so the tables are assembled afterwards
+    from cached entries only. A worker that fails makes the whole command fail."""
+    import subprocess
+
+    slices: list[list[str]] = [[] for _ in range(args.jobs)]
+    load = [0.0] * args.jobs
+    for m in sorted(methods, key=lambda m: -COST.get(m, 1.0)):
+        j = load.index(min(load))
+        slices[j].append(m)
+        load[j] += COST.get(m, 1.0)
+    common = ["--cache", str(args.cache), "--out", str(args.out), "--suite", args.suite, "--threads", str(args.threads),
+              "--data-samples", str(args.data_samples), "--rho", *map(str, args.rho), "--scale", *map(str, args.scale),
+              "--no-report"]
+    common += ["--data-assisted"] * args.data_assisted + ["--smoke"] * args.smoke
+    if args.val_limit:
+        common += ["--val-limit", str(args.val_limit)]
+    if args.budget_min:
+        common += ["--budget-min", str(args.budget_min)]
+    if args.smoke:  # the worker re-applies the smoke redirection itself
+        common[1], common[3] = str(args.cache.parent), str(args.out.with_name(args.out.name.removesuffix("-smoke")))
+    procs = [subprocess.Popen([sys.executable, __file__, *common, "--methods", *sl]) for sl in slices if sl]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        sys.exit(f"accuracy: a worker failed (exit codes {codes})")
 
 
 def results_section(cache: Path, out: Path) -> str:
@@ -416,7 +473,9 @@ def results_section(cache: Path, out: Path) -> str:
         body += [f"### {name} suite", "",
                  f"Experts built in {manifest['build_seconds'] / 60:.1f} min ({manifest['threads']} torch thread(s) on a shared 2-core CPU); "
                  "base = the pretrained model" + (" with each expert's own head" if name == "encoder" else "") + ":", "", build_table(manifest), "",
-                 f"Benchmark: `bench/accuracy.py {res.get('command', '')}`, {res['seconds'] / 60:.1f} min; selection on "
+                 f"Benchmark: `bench/accuracy.py {res.get('command', '')}`, {res['seconds'] / 60:.1f} min"
+                 + (f" for the whole command ({res['jobs']} worker processes)" if res.get("jobs", 1) > 1 else "")
+                 + "; selection on "
                  f"{res.get('val_limit')} validation rows per task."
                  + (f" Not run (time budget, or needs data without --data-assisted): {', '.join(res['not_run'])}." if res["not_run"] else ""), "",
                  table(res), "", f"![{name}](accuracy_{name}.png)", ""]

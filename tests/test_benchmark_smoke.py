@@ -45,7 +45,7 @@ def test_encoder_benchmark_smoke(tmp_path):
         assert not (texts["train"] & texts["test"]) and not (texts["val"] & texts["test"])
     args = ["bench/accuracy.py", "--smoke", "--suite", "encoder", "--cache", str(cache), "--out", str(out),
             "--methods", "task_arithmetic", "ties", "--data-assisted", "--data-samples", "8"]
-    first = _run(args)
+    first = _run([*args, "--jobs", "2"])  # two workers (one per anchor) sharing the cache, then assembly
     summary_path = out.with_name(out.name + "-smoke") / "encoder" / "summary.json"
     res = json.loads(summary_path.read_text())
     for anchor in ("task_arithmetic", "ties"):
@@ -54,8 +54,8 @@ def test_encoder_benchmark_smoke(tmp_path):
             assert set(entry["test"]) == set(tasks)
             assert all(0.0 <= a <= 1.0 for a in entry["test"].values())
     assert "| Task Arithmetic" in first and "+ BMM data-free" in first
-    # a rerun reads every configuration from the cache: identical figures
+    # a plain rerun reads every configuration from the cache: identical figures
     _run(args)
     again = json.loads(summary_path.read_text())
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "command")}  # noqa: E731
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "command", "jobs")}  # noqa: E731 (run metadata)
     assert strip(again) == strip(res)
