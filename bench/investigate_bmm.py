@@ -6,7 +6,7 @@ data-free Gram weighs task t by ||U_t||^2); (2) for chosen anchors, BMM at sever
 accuracy per task, rho picked on validation; (3) how far BMM moves each group from the anchor,
 ||W_bmm - W_anchor|| / ||W_anchor - W_pre||.
 
-    nice python bench/investigate_bmm.py [--anchors tsv ties] [--rho 0.01 0.1 1.0]
+    nice python bench/investigate_bmm.py [--anchors tsv ties wudi] [--rho 0.01 0.1 1.0] [--threads 2]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ANCHORS = {"tsv": {"alpha": 1.2}, "ties": {"density": 0.2, "scale": 0.7}, "task_arithmetic": {"scale": 1.0},
-           "iso_c": {"alpha": 0.7}, "dare": {"p": 0.5, "combine": "task_arithmetic", "scale": 0.3}}
+           "iso_c": {"alpha": 0.7}, "dare": {"p": 0.5, "combine": "task_arithmetic", "scale": 0.3}, "wudi": {}}
 
 
 def main() -> None:
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "investigate")
     ap.add_argument("--anchors", nargs="+", default=["tsv", "ties"])
     ap.add_argument("--rho", nargs="+", type=float, default=[0.01, 0.1, 1.0])
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
     import torch
@@ -41,7 +42,7 @@ def main() -> None:
     from bmmstream.search.scorers import make_scorers
     from bmmstream.sources.local import LocalSource
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     man = json.loads((args.cache / "manifest.json").read_text())
     tasks = list(man["experts"])
     base_dir = args.cache / man["base"]
@@ -91,7 +92,9 @@ def main() -> None:
             best = None
             for rho in args.rho:
                 name = f"{a}-bmm-rho{rho}-{'norm' if norm else 'raw'}"
-                f = merged("bmm", {"anchor": a, "anchor_parameters": pa, "rho": rho, "normalize_tasks": norm}, name)
+                # the anchor is read from its merged checkpoint: WUDI/TSV are not recomputed per point
+                f = merged("bmm", {"anchor": "external", "anchor_parameters": {"path": str(fa)}, "rho": rho,
+                                   "normalize_tasks": norm}, name)
                 s = score(f)
                 Wb = load(f)
                 move = defaultdict(lambda: [0.0, 0.0])
