@@ -101,3 +101,46 @@ def test_other_kinds_mean_and_batched_unit():
     assert torch.allclose(out["b"], 0.5 * _iso_cts_ref(list(b), 0.8), atol=1e-10)
     with pytest.raises(BmmError, match="common_space_fraction must be in"):
         get_method("iso_cts", {"common_space_fraction": 1.5})
+
+
+_REAL_SVD = torch.linalg.svd
+
+
+def _failing_svd(fails):
+    """torch.linalg.svd that raises LAPACK's non-convergence error where fails(matrix) holds,
+    the way float32 gesdd does on some real stacked bases (SmolLM2, see methods/tsv.svd)."""
+    def fake(x, full_matrices=True):
+        mats = x.reshape(-1, *x.shape[-2:])
+        if any(fails(m) for m in mats):
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return _REAL_SVD(x, full_matrices=full_matrices)
+    return fake
+
+
+def test_svd_failure_redoes_only_that_matrix_in_float64(monkeypatch):
+    from bmmstream.methods.tsv import svd
+
+    x = _rand(8, 3, 6, 5).float()
+    x[1, 0, 0] = 7.0  # the one LAPACK "cannot" do in float32
+    monkeypatch.setattr(torch.linalg, "svd", _failing_svd(lambda m: m.dtype == torch.float32 and m[0, 0] == 7.0))
+    u, s, vh = svd(x)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    for i in (0, 2):  # batch-mates keep their own float32 result, bit for bit
+        for got, want in zip((u[i], s[i], vh[i]), _REAL_SVD(x[i], full_matrices=False)):
+            assert torch.equal(got, want)
+    for got, want in zip((u[1], s[1], vh[1]), _REAL_SVD(x[1].double(), full_matrices=False)):
+        assert torch.equal(got, want.float())
+
+
+def test_iso_cts_survives_float32_svd_failure_and_names_tensor_when_float64_fails(monkeypatch):
+    m = get_method("iso_cts", {"alpha": 1.0})
+    a = _rand(9, 3, 16, 12)
+    monkeypatch.setattr(torch.linalg, "svd", _failing_svd(lambda mat: mat.dtype == torch.float32))
+    out = m.merge_unit([_inp("layers.0.q.weight", a.float())])["layers.0.q.weight"]
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), _iso_cts_ref(list(a), 0.8), atol=1e-5)
+    monkeypatch.setattr(torch.linalg, "svd", _failing_svd(lambda mat: True))
+    with pytest.raises(BmmError) as e:
+        m.merge_unit([_inp("layers.0.q.weight", a.float())])
+    assert str(e.value) == ("tensor(s) layers.0.q.weight: SVD did not converge even in float64 "
+                            "(linalg.svd: The algorithm failed to converge)")

@@ -24,13 +24,13 @@ import torch
 
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
-from bmmstream.methods.tsv import merge_batched, polar, svd_dtype
+from bmmstream.methods.tsv import merge_batched, polar, svd, svd_dtype
 
 
 def iso_c_merge(deltas: torch.Tensor) -> torch.Tensor:
     """Iso-C of stacked task vectors [..., T, m, n] -> [..., m, n] (alpha = 1)."""
     x = svd_dtype(deltas)
-    u, s, vh = torch.linalg.svd(x.sum(-3), full_matrices=False)
+    u, s, vh = svd(x.sum(-3))
     return ((u * s.mean(-1, keepdim=True).unsqueeze(-1)) @ vh).to(deltas.dtype)
 
 
@@ -47,12 +47,12 @@ def iso_cts_merge(deltas: torch.Tensor, f: float) -> torch.Tensor:
     t_count, m, n = x.shape[-3:]
     lead = x.shape[:-3]
     common, per_task = iso_cts_sizes(min(m, n), t_count, f)
-    u, s, vh = torch.linalg.svd(x.sum(-3), full_matrices=False)
+    u, s, vh = svd(x.sum(-3))
     us, ss, vs = [u[..., :common]], [s[..., :common]], [vh[..., :common, :]]
     if per_task > 0:
         uc = us[0].unsqueeze(-3)  # [..., 1, m, c]
         resid = x - uc @ (uc.transpose(-1, -2) @ x)
-        ut, st, vt = torch.linalg.svd(resid, full_matrices=False)
+        ut, st, vt = svd(resid)
         us.insert(0, ut[..., :per_task].movedim(-3, -2).reshape(*lead, m, t_count * per_task))
         ss.insert(0, st[..., :per_task].reshape(*lead, t_count * per_task))
         vs.insert(0, vt[..., :per_task, :].reshape(*lead, t_count * per_task, n))

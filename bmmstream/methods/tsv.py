@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
 
 # Cap on the elements stacked into one batched SVD call (B * T * m * n): bounds the extra memory.
@@ -34,9 +35,28 @@ def svd_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD; a matrix on which LAPACK's float32 divide-and-conquer does not converge is redone
+    in float64, alone, so its batch-mates keep their float32 result.
+
+    Needed on real weights: ISO-CTS's stacked right singular bases of SmolLM2's q/gate/up projections
+    (576 x 576, nearly all singular values ~1) make float32 gesdd fail; float64 converges.
+    """
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dim() > 2:
+            parts = [svd(e) for e in x.unbind(0)]
+            return tuple(torch.stack(p) for p in zip(*parts))  # type: ignore[return-value]
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor P Q^T of x = P S Q^T (batched over leading dims)."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = svd(x)
     return p @ qh
 
 
@@ -48,7 +68,7 @@ def tsv_merge(deltas: torch.Tensor) -> torch.Tensor:
     k = min(m, n) // t_count
     if k == 0:
         return torch.zeros(x.shape[:-3] + (m, n), dtype=dt, device=x.device)
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    u, s, vh = svd(x)
     lead = x.shape[:-3]
     u_cat = u[..., :k].movedim(-3, -2).reshape(*lead, m, t_count * k)  # task-major column blocks
     s_cat = s[..., :k].reshape(*lead, t_count * k)
@@ -75,7 +95,11 @@ def merge_batched(
         per = max(1, BATCH_ELEMENTS // max(1, group[0].deltas.numel()))
         for i in range(0, len(group), per):
             chunk = group[i : i + per]
-            merged = merge_2d(torch.stack([g.deltas for g in chunk]))
+            try:
+                merged = merge_2d(torch.stack([g.deltas for g in chunk]))
+            except torch.linalg.LinAlgError as e:
+                names = ", ".join(g.spec.name for g in chunk)
+                raise BmmError(f"tensor(s) {names}: SVD did not converge even in float64 ({str(e).splitlines()[0]})") from None
             for g, u in zip(chunk, merged.unbind(0)):
                 out[g.spec.name] = u
     return {inp.spec.name: out[inp.spec.name] for inp in inputs}
