@@ -462,8 +462,9 @@ def results_section(cache: Path, out: Path) -> str:
             "Real experts (`tools/build_experts.py`), every registry method and BMM over each as anchor; "
             "hyperparameters picked on the validation split (mean accuracy over tasks), test accuracy "
             "reported in %. Gain = relative change of the mean test accuracy of BMM over its anchor. "
-            "Command: `nice -n 10 python tools/build_experts.py && nice -n 10 python bench/accuracy.py` "
-            "(CPU only, 2 cores shared with other jobs).", ""]
+            "Command: `nice -n 10 python tools/build_experts.py && nice -n 10 python bench/accuracy.py --data-assisted --jobs 2` "
+            "(CPU only, 2 cores shared with other jobs). BMM reads its anchor from the anchor's merged checkpoint "
+            "(method `external`), so an anchor is computed once per suite.", ""]
     for name in ("encoder", "decoder"):
         path = out / name / "summary.json"
         if not path.exists():
