@@ -55,7 +55,7 @@ BMM_SCALE = (1.0,)
 PRETTY = {
     "pretrained": "Pretrained", "task_arithmetic": "Task Arithmetic", "ties": "TIES", "dare": "DARE",
     "tsv": "TSV-M", "iso_c": "ISO-C", "iso_cts": "ISO-CTS", "wudi": "WUDI", "poe_cauchy": "Cauchy PoE",
-    "regmean": "RegMean",
+    "regmean": "RegMean", "dare_ties": "DARE-TIES",
 }
 
 
@@ -316,6 +316,7 @@ def build_table(manifest: dict) -> str:
 
 
 def chart(res: dict, path: Path) -> None:
+    """Per task: each anchor, BMM data-free and (where run) data-assisted over it; expert and base lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,23 +324,30 @@ def chart(res: dict, path: Path) -> None:
 
     tasks = res["tasks"]
     names = list(res["anchors"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), sharey=False)
+    series = [("anchor", res["anchors"]), ("BMM data-free", res["bmm"])]
+    if res.get("bmm_da"):
+        series.append(("BMM data-assisted", res["bmm_da"]))
+    width = 0.8 / len(series)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.9), sharey=False)
     for ax, t in zip(axes, tasks):
         xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], [100 * res["anchors"][m]["test"][t] for m in names], 0.4, label="anchor")
-        ax.bar([x + 0.2 for x in xs], [100 * res["bmm"][m]["test"][t] if m in res["bmm"] else 0 for m in names],
-               0.4, label="BMM (data-free)")
-        ax.axhline(100 * res["reference"]["experts"]["test"][t], color="k", ls="--", lw=1, label="expert")
-        ax.axhline(100 * res["reference"]["base"]["test"][t], color="gray", ls=":", lw=1, label="base")
-        vals = [100 * res["anchors"][m]["test"][t] for m in names] + [100 * res["bmm"][m]["test"][t] for m in res["bmm"]]
-        vals += [100 * res["reference"]["experts"]["test"][t], 100 * res["reference"]["base"]["test"][t]]
+        vals = []
+        for k, (label, group) in enumerate(series):
+            ys = [100 * group[m]["test"][t] if m in group else 0 for m in names]
+            vals += [y for y in ys if y > 0]
+            ax.bar([x + (k - (len(series) - 1) / 2) * width for x in xs], ys, width, label=label)
+        expert, base = 100 * res["reference"]["experts"]["test"][t], 100 * res["reference"]["base"]["test"][t]
+        ax.axhline(expert, color="k", ls="--", lw=1, label="expert")
+        ax.axhline(base, color="gray", ls=":", lw=1, label="base")
+        vals += [expert, base]
         ax.set_ylim(max(0.0, min(vals) - 10), min(100.0, max(vals) + 5))
         ax.set_xticks(list(xs), [PRETTY.get(m, m) for m in names], rotation=60, ha="right", fontsize=7)
         ax.set_title(t)
         ax.set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"{res['suite']} suite: each anchor vs BMM over it")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
