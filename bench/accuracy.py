@@ -115,6 +115,10 @@ def mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
 
 
+def cache_key(method: str, params: dict, data: bool) -> str:
+    return json.dumps([method, params, data], sort_keys=True)
+
+
 class Bench:
     """Merges, scores and caches; one instance per suite."""
 
@@ -176,7 +180,7 @@ class Bench:
         realise = realise or (lambda p: p)
         best_key, best_folder = None, None
         for params in grid:
-            key = json.dumps([method, params, data], sort_keys=True)
+            key = cache_key(method, params, data)
             rec = self.cache.get(key)
             folder = None
             if rec is None or "val" not in rec:
@@ -210,7 +214,7 @@ class Bench:
 
     def pending(self, method: str, grid: list[dict], data: bool) -> bool:
         """Whether select() would merge anything (a point without val, or the winner without test)."""
-        recs = [self.cache.get(json.dumps([method, p, data], sort_keys=True)) for p in grid]
+        recs = [self.cache.get(cache_key(method, p, data)) for p in grid]
         if any(r is None or "val" not in r for r in recs):
             return True
         return "test" not in max(recs, key=lambda r: mean(r["val"]))
@@ -389,6 +393,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-report", action="store_true", help="leave RESULTS.md, summaries and charts alone (workers)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    given = {"cache": args.cache, "out": args.out}  # what workers get: they redo the smoke redirection
     if args.smoke:
         args.cache, args.out = args.cache / "smoke", args.out.with_name(args.out.name + "-smoke")
         args.methods = args.methods or ["task_arithmetic", "ties"]
@@ -408,7 +413,7 @@ def main(argv=None) -> None:
     elif args.jobs > 1:
         for name in suites:  # once here, not once per worker
             Bench(make_suite(name), args.out / name, args.data_samples).reference_rows()
-        run_workers(args, methods)
+        run_workers(args, methods, given)
     for name in suites:
         suite = make_suite(name)
         limit = suite.val_limit
@@ -436,7 +441,7 @@ def main(argv=None) -> None:
 COST = {"poe_cauchy": 4.0, "wudi": 2.5, "regmean": 1.5}
 
 
-def run_workers(args, methods: list[str]) -> None:
+def run_workers(args, methods: list[str], given: dict[str, Path]) -> None:
     """Split the methods over args.jobs worker processes (longest first onto the least loaded) and
     wait for them; they share the per-suite result caches, so the tables are assembled afterwards
     from cached entries only. A worker that fails makes the whole command fail."""
@@ -448,7 +453,7 @@ def run_workers(args, methods: list[str]) -> None:
         j = load.index(min(load))
         slices[j].append(m)
         load[j] += COST.get(m, 1.0)
-    common = ["--cache", str(args.cache), "--out", str(args.out), "--suite", args.suite, "--threads", str(args.threads),
+    common = ["--cache", str(given["cache"]), "--out", str(given["out"]), "--suite", args.suite, "--threads", str(args.threads),
               "--data-samples", str(args.data_samples), "--rho", *map(str, args.rho), "--scale", *map(str, args.scale),
               "--no-report"]
     common += ["--data-assisted"] * args.data_assisted + ["--smoke"] * args.smoke
@@ -456,8 +461,6 @@ def run_workers(args, methods: list[str]) -> None:
         common += ["--val-limit", str(args.val_limit)]
     if args.budget_min:
         common += ["--budget-min", str(args.budget_min)]
-    if args.smoke:  # the worker re-applies the smoke redirection itself
-        common[1], common[3] = str(args.cache.parent), str(args.out.with_name(args.out.name.removesuffix("-smoke")))
     procs = [subprocess.Popen([sys.executable, __file__, *common, "--methods", *sl]) for sl in slices if sl]
     codes = [p.wait() for p in procs]
     if any(codes):

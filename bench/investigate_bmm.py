@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 ANCHORS = {"tsv": {"alpha": 1.2}, "ties": {"density": 0.2, "scale": 0.7}, "task_arithmetic": {"scale": 1.0},
            "iso_c": {"alpha": 0.7}, "dare": {"p": 0.5, "combine": "task_arithmetic", "scale": 0.3}, "wudi": {}}
@@ -33,10 +34,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModel
 
     import bmmstream
+    from rho_sweep import moved
     from bmmstream.calibration import load_tokenizer
     from bmmstream.plan import build_plan
     from bmmstream.search.scorers import make_scorers
@@ -74,10 +75,6 @@ def main() -> None:
         with torch.no_grad():
             return {s: {t: sc(m) for t, sc in d.items()} for s, d in scorers.items()}
 
-    def load(folder):
-        return load_file(str(folder / "model.safetensors"))
-
-    W0 = {n: base.get(n).double() for n in groups}
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     print("\n2) BMM over each anchor: mean val / mean test, per-task test; rho picked on validation")
     rows = []
@@ -87,7 +84,6 @@ def main() -> None:
         sa = score(fa)
         print(f"   {a:24s} val {mean(sa['val']):.4f}  test {mean(sa['test']):.4f}  "
               + " ".join(f"{t} {v:.3f}" for t, v in sa["test"].items()))
-        Wa = load(fa)
         for norm in (False, True):
             best = None
             for rho in args.rho:
@@ -96,12 +92,7 @@ def main() -> None:
                 f = merged("bmm", {"anchor": "external", "anchor_parameters": {"path": str(fa)}, "rho": rho,
                                    "normalize_tasks": norm}, name)
                 s = score(f)
-                Wb = load(f)
-                move = defaultdict(lambda: [0.0, 0.0])
-                for n, g in groups.items():
-                    move[g][0] += float((Wb[n].double() - Wa[n].double()).norm() ** 2)
-                    move[g][1] += float((Wa[n].double() - W0[n]).norm() ** 2)
-                mv = "  ".join(f"{g} {(v[0] / v[1]) ** 0.5:.2f}" for g, v in sorted(move.items()) if v[1] > 0)
+                mv = "  ".join(f"{g} {v:.2f}" for g, v in moved(base, Path(fa), Path(f), groups).items())
                 print(f"   + BMM rho={rho:<6g} {'norm' if norm else 'raw ':4s} val {mean(s['val']):.4f}  test {mean(s['test']):.4f}  "
                       + " ".join(f"{t} {v:.3f}" for t, v in s["test"].items()) + f"   moved from anchor: {mv}", flush=True)
                 if best is None or mean(s["val"]) > best[0]:
