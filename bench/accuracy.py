@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bmmstream  # noqa: E402
-from bmmstream import evaluate as ev  # noqa: E402
+from bmmstream.search import metrics as ev  # noqa: E402
 from bmmstream.methods import method_names  # noqa: E402
 
 # grids on the validation split; a method not listed runs at its defaults

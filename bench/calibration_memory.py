@@ -1,4 +1,4 @@
-"""Peak memory and speed of the streaming calibration pass (bmmstream.capture) at two depths.
+"""Peak memory and speed of the streaming calibration pass (bmmstream.statistics.capture) at two depths.
 
 Two random Llama checkpoints with the same layer shape and 4x different depth are written to a temp
 folder; each calibration runs in a fresh subprocess (so imports and allocator state do not leak
@@ -76,7 +76,7 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bmmstream.capture import collect_input_grams
+    from bmmstream.statistics.capture import collect_input_grams
     from bmmstream.sources.local import LocalSource
 
     src = LocalSource(args.child)

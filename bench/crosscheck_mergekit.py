@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from bmmstream.synthetic import make_llama_suite
+    from bmmstream.demo import make_llama_suite
 
     exe = ensure_mergekit(not args.no_install)
     suite = make_llama_suite(OUT / f"suite_{args.suite_dtype}", num_experts=args.experts, hidden=args.hidden,

@@ -69,7 +69,7 @@ def start_server(root: Path, bandwidth: float) -> tuple[subprocess.Popen, str]:
 
 def stream(spec: str, endpoint: str, spool: Path, max_disk: int | None, compute_s: float, prefetch: bool):
     """One pass over all units; returns (seconds, seconds waiting in get(), bytes, high water)."""
-    from bmmstream.plan import build_plan
+    from bmmstream.plan.layout import build_plan
     from bmmstream.sources.hub import HubSource
 
     src = HubSource(spec, endpoint=endpoint, cache_dir=spool, max_disk=max_disk, hf_cache_dir=spool / "hf")

@@ -38,8 +38,8 @@ def main() -> None:
 
     import bmmstream
     from rho_sweep import moved
-    from bmmstream.calibration import load_tokenizer
-    from bmmstream.plan import build_plan
+    from bmmstream.statistics.calibration_data import load_tokenizer
+    from bmmstream.plan.layout import build_plan
     from bmmstream.search.scorers import make_scorers
     from bmmstream.sources.local import LocalSource
 

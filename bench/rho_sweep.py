@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from accuracy import Suite, mean  # noqa: E402
 
 import bmmstream  # noqa: E402
-from bmmstream.plan import build_plan  # noqa: E402
+from bmmstream.plan.layout import build_plan  # noqa: E402
 from bmmstream.sources.local import LocalSource  # noqa: E402
 
 

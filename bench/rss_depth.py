@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "rss_depth")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from bmmstream.synthetic import make_llama_suite
+    from bmmstream.demo import make_llama_suite
 
     suites = {}
     for layers in (args.layers, args.layers * args.factor):

@@ -37,7 +37,7 @@ def main() -> None:
     from transformers import AutoModel
 
     import bmmstream
-    from bmmstream.calibration import load_tokenizer
+    from bmmstream.statistics.calibration_data import load_tokenizer
     from bmmstream.search.scorers import make_scorers
 
     torch.set_num_threads(2)

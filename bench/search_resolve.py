@@ -1,4 +1,4 @@
-"""Time per search trial: the eigenbasis re-solve (bmmstream.fast_solve) vs a full Cholesky re-solve.
+"""Time per search trial: the eigenbasis re-solve (bmmstream.solve.spectral) vs a full Cholesky re-solve.
 
 One trial re-solves every 2-D module of one transformer layer for a new lam:
   q, k, v, o: [4, h, h] (d_in = h), gate, up: [2, I, h] (d_in = h), down: [1, h, I] (d_in = I),
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bmmstream.fast_solve import prepare, solve_dense, truncation_errors
+from bmmstream.solve.spectral import prepare, solve_dense, truncation_errors
 
 
 def layer_stats(h: int, inter: int, T: int, dtype, device, seed: int = 0):

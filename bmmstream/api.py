@@ -27,7 +27,7 @@ def merge(
 def resume(run_dir: str | Path, device: str = "auto", progress: bool = True) -> Path:
     """Continue a killed run from its run directory; bit-identical to an uninterrupted run."""
     from bmmstream.errors import BmmError
-    from bmmstream.rundir import RunDir
+    from bmmstream.output.rundir import RunDir
 
     run = RunDir(Path(run_dir))
     if not run.exists():
@@ -44,7 +44,7 @@ def status(run_dir: str | Path) -> dict:
 
 def plan_merge(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
     """Modules, groups, blocks and estimates of RAM, disk, FLOPs and time, before heavy work."""
-    from bmmstream.estimate import plan_report
+    from bmmstream.pipeline import plan_report
 
     return plan_report(config, device=device)
 
@@ -58,6 +58,6 @@ def search_merge(
 ) -> dict:
     """Search BMM's per-block hyperparameters on a validation score, then write the best model
     (`bmm search`). Resumable: the history and score cache live in the run directory."""
-    from bmmstream.search_run import search_merge as _search
+    from bmmstream.search.run import search_merge as _search
 
     return _search(config, out=out, run_dir=run_dir, device=device, progress=progress)

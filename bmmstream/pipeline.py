@@ -20,15 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from bmmstream import __version__
-from bmmstream.calibrate import calibrate, module_grams
+from bmmstream.statistics.data_assisted import calibrate, module_grams
 from bmmstream.config import DTYPES, MergeConfig, load_config
 from bmmstream.errors import BmmError
-from bmmstream.memory import trim_heap
+from bmmstream.statistics.capture import trim_heap
 from bmmstream.methods.registry import MergeMethod, ModuleInput, get_method
-from bmmstream.plan import Plan, build_plan
-from bmmstream.rundir import RunDir, append_jsonl, write_json_atomic
-from bmmstream.sources.base import ST_TO_TORCH, TORCH_TO_ST, TensorSource, open_source
-from bmmstream.stats_store import StatsStore
+from bmmstream.plan.layout import Plan, build_plan
+from bmmstream.output.rundir import RunDir, append_jsonl, write_json_atomic
+from bmmstream.sources import open_source
+from bmmstream.sources.base import ST_TO_TORCH, TORCH_TO_ST, TensorSource
+from bmmstream.statistics.store import StatsStore
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -131,7 +132,7 @@ def prepare(
     device: str | None = "auto",
 ) -> Job:
     """Open, validate and plan a run (new or resumed) without heavy work."""
-    from bmmstream.validate import validate_sources
+    from bmmstream.sources.validate import validate_sources
 
     origin = str(config) if isinstance(config, (str, Path)) else None
     cfg = load_config(config)
@@ -288,7 +289,7 @@ def model_card(job: Job) -> str:
 
 def execute(job: Job, *, progress: bool = True) -> Path:
     """Run (or continue) a prepared job to completion; returns the output folder."""
-    from bmmstream.writer import ShardWriter, copy_aux, write_config, write_text_atomic
+    from bmmstream.output.writer import ShardWriter, copy_aux, write_config, write_text_atomic
 
     run = job.run
     if run.complete():
@@ -367,7 +368,7 @@ def _write_manifest(job: Job) -> None:
 
 def status(run_dir: str | Path) -> dict:
     """What a run directory holds: complete or not, how far the writer got."""
-    from bmmstream.rundir import read_jsonl
+    from bmmstream.output.rundir import read_jsonl
 
     run = RunDir(Path(run_dir))
     if not run.exists():
@@ -382,3 +383,45 @@ def status(run_dir: str | Path) -> dict:
         "tensors_written": len(written),
         "prepass_done": run.prepass.exists(),
     }
+
+
+def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
+    """`bmm plan`: open and check the sources (headers only), plan, and estimate the run's cost."""
+    from bmmstream.plan.estimate import estimate_report
+    from bmmstream.sources.validate import validate_sources
+    from bmmstream.statistics.calibration_data import CalibrationSpec
+
+    cfg = load_config(config)
+    dev = resolve_device(device)
+    sources = open_sources(cfg, cache_dir=None)
+    try:
+        validate_sources(sources.base, sources.experts)
+        infos = sources.base.tensor_infos()
+        blocks = int(cfg.parameters.get("blocks", 1))
+        plan = build_plan(sources.base.config(), infos, blocks=blocks)
+        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed)
+    finally:
+        sources.close()
+    out_bytes = sum(
+        infos[n].numel * torch.empty((), dtype=ST_TO_TORCH[out_dtype_for(n, infos[n].dtype, cfg)]).element_size()
+        for n in infos
+    )
+    calibration_tokens = None
+    if getattr(method, "needs_grams", False):
+        # a model without calibration data is named by validation when the run starts
+        specs = [CalibrationSpec.from_dict(m.calibration) for m in cfg.models if m.calibration is not None]
+        calibration_tokens = [s.samples * s.max_len for s in specs]
+    return estimate_report(
+        plan,
+        infos,
+        experts=len(cfg.models),
+        compute_bytes=torch.empty((), dtype=cfg.compute_dtype).element_size(),
+        method=method.name,
+        method_description=method.describe(),
+        statistics=cfg.parameters.get("statistics", "data_free"),
+        needs_prepass=method.needs_prepass,
+        out_bytes=out_bytes,
+        calibration_tokens=calibration_tokens,
+        keep_statistics=bool(cfg.parameters.get("keep_statistics", False)) or cfg.search is not None,
+        device=dev,
+    )

@@ -52,9 +52,9 @@ def st_folder():
 def tiny_llama_suite(tmp_path_factory):
     """A tiny synthetic Llama base + 3 experts (hidden 64, 2 layers, fp32), built once per session.
 
-    Returns bmmstream.synthetic.SuiteInfo(base, experts, spec); spec.tensor(name, t) regenerates
+    Returns bmmstream.demo.SuiteInfo(base, experts, spec); spec.tensor(name, t) regenerates
     any tensor without reading files. Treat the folders as read-only.
     """
-    from bmmstream.synthetic import make_llama_suite
+    from bmmstream.demo import make_llama_suite
 
     return make_llama_suite(tmp_path_factory.mktemp("tiny_llama"), num_experts=3)

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from bmmstream.methods.registry import ModuleInput, get_method
-from bmmstream.plan import ModuleSpec
-from bmmstream.solve import bmm_solve, dense_reference, lam_from_rho
-from bmmstream.stats import combine, datafree_grams, datafree_stats, hybrid_grams
+from bmmstream.plan.layout import ModuleSpec
+from bmmstream.solve.closed_form import bmm_solve, dense_reference, lam_from_rho
+from bmmstream.statistics.grams import combine, datafree_grams, datafree_stats, hybrid_grams
 
 
 def _rel(a, b):

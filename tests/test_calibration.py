@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bmmstream.calibration import (
+from bmmstream.statistics.calibration_data import (
     CalibrationSpec,
     calibration_batches,
     load_tokenizer,

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from bmmstream.capture import collect_input_grams, position_ids_from_mask
+from bmmstream.statistics.capture import collect_input_grams, position_ids_from_mask
 from bmmstream.errors import BmmError
 from bmmstream.sources.base import TensorInfo
 

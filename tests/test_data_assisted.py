@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import bmmstream
-from bmmstream.capture import collect_input_grams
-from bmmstream.calibration import calibration_batches
-from bmmstream.plan import build_plan
-from bmmstream.solve import dense_reference
+from bmmstream.statistics.capture import collect_input_grams
+from bmmstream.statistics.calibration_data import calibration_batches
+from bmmstream.plan.layout import build_plan
+from bmmstream.solve.closed_form import dense_reference
 from bmmstream.sources.local import LocalSource
-from bmmstream.stats import combine, hybrid_grams
+from bmmstream.statistics.grams import combine, hybrid_grams
 
 
 def _calib(tmp_path, t, vocab=128):

@@ -1,4 +1,4 @@
-"""bmmstream.evaluate on tiny random models with a word-level tokenizer (no downloads)."""
+"""bmmstream.search.metrics on tiny random models with a word-level tokenizer (no downloads)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bmmstream import evaluate as ev
+from bmmstream.search import metrics as ev
 
 WORDS = ["[PAD]", "[UNK]", "the", "cat", "dog", "sat", "ran", "on", "mat", "a", "big", "red", "yes", "no",
          "maybe", "very", "good", "bad", "film", "was"]

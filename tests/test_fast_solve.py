@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bmmstream.fast_solve import (
+from bmmstream.solve.spectral import (
     eigen_factor,
     lam_from_rho,
     prepare,

@@ -14,7 +14,7 @@ from hub_fixtures import hub, hub_env  # noqa: F401  (fixtures)
 
 import bmmstream
 import bmmstream.pipeline as pipeline
-from bmmstream.sources.base import open_source as real_open_source
+from bmmstream.sources import open_source as real_open_source
 from bmmstream.sources.hub import DiskBudget, HubSource
 from bmmstream.sources.local import LocalSource
 

@@ -10,8 +10,8 @@ import torch
 from hub_fixtures import hub, hub_env, load_server_module, serve_suite  # noqa: F401  (fixtures)
 
 from bmmstream.errors import BmmError
-from bmmstream.plan import build_plan
-from bmmstream.sources.base import open_source
+from bmmstream.plan.layout import build_plan
+from bmmstream.sources import open_source
 from bmmstream.sources.hub import DiskBudget, HubSource, parse_spec
 from bmmstream.sources.local import LocalSource
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bmmstream.errors import BmmError
-from bmmstream.sources.base import AUX_FILES, TensorInfo, TensorSource, open_source
+from bmmstream.sources import open_source
+from bmmstream.sources.base import AUX_FILES, TensorInfo, TensorSource
 from bmmstream.sources.local import LocalSource
 
 

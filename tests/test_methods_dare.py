@@ -9,7 +9,7 @@ from bmmstream.methods import get_method
 from bmmstream.methods.dare import keep_mask
 from bmmstream.methods.registry import ModuleInput
 from bmmstream.methods.ties import elect_and_mean
-from bmmstream.plan import ModuleSpec
+from bmmstream.plan.layout import ModuleSpec
 
 
 def _inp(name: str, deltas: torch.Tensor) -> ModuleInput:

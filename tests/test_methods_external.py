@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from bmmstream.errors import BmmError
 from bmmstream.methods import get_method
 from bmmstream.methods.registry import ModuleInput
-from bmmstream.plan import ModuleSpec
+from bmmstream.plan.layout import ModuleSpec
 
 
 def _inp(name, base, T=2, kind="linear"):

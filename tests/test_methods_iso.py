@@ -8,7 +8,7 @@ from bmmstream.errors import BmmError
 from bmmstream.methods import get_method
 from bmmstream.methods.iso import iso_cts_sizes
 from bmmstream.methods.registry import ModuleInput
-from bmmstream.plan import ModuleSpec
+from bmmstream.plan.layout import ModuleSpec
 
 
 def _inp(name: str, deltas: torch.Tensor, kind: str = "linear") -> ModuleInput:

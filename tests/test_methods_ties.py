@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from bmmstream import kernels
+from bmmstream.methods import magnitude_histogram as kernels
 from bmmstream.errors import BmmError
 from bmmstream.methods import get_method
 from bmmstream.methods.registry import ModuleInput
 from bmmstream.methods.ties import elect_and_mean
-from bmmstream.plan import ModuleSpec
+from bmmstream.plan.layout import ModuleSpec
 
 
 def _inp(name: str, deltas: torch.Tensor, kind: str = "linear") -> ModuleInput:

@@ -5,7 +5,7 @@ import torch
 
 from bmmstream.methods import get_method
 from bmmstream.methods.registry import ModuleInput
-from bmmstream.plan import ModuleSpec
+from bmmstream.plan.layout import ModuleSpec
 
 
 def _inp(name: str, deltas: torch.Tensor, kind: str = "linear") -> ModuleInput:

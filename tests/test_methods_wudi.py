@@ -6,7 +6,7 @@ import torch
 from bmmstream.methods import get_method
 from bmmstream.methods.registry import ModuleInput
 from bmmstream.methods.wudi import wudi_merge, wudi_statistics
-from bmmstream.plan import ModuleSpec
+from bmmstream.plan.layout import ModuleSpec
 
 
 def _inp(name: str, deltas: torch.Tensor, kind: str = "linear") -> ModuleInput:

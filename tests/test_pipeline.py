@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import bmmstream
-from bmmstream.solve import dense_reference
+from bmmstream.solve.closed_form import dense_reference
 from bmmstream.sources.local import LocalSource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def test_merge_matches_dense_float64_reference(tiny_llama_suite, tmp_path):
     merged = _load_dir(out)
     base = LocalSource(suite.base)
     experts = [LocalSource(e) for e in suite.experts]
-    from bmmstream.plan import build_plan
+    from bmmstream.plan.layout import build_plan
 
     plan = build_plan(base.config(), base.tensor_infos(), blocks=2)
     n_linear = 0
@@ -101,7 +101,7 @@ def test_output_loads_in_transformers(tiny_llama_suite, tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    import bmmstream, bmmstream.pipeline as P, bmmstream.stats_store as S, bmmstream.writer as W
+    import bmmstream, bmmstream.pipeline as P, bmmstream.statistics.store as S, bmmstream.output.writer as W
     import bmmstream.methods.bmm as B
     phase, k = sys.argv[1], int(sys.argv[2])
     calls = {"n": 0}

@@ -8,7 +8,7 @@ from bmmstream.errors import BmmError
 from bmmstream.methods import get_method
 from bmmstream.methods.registry import ModuleInput
 from bmmstream.methods.regmean import shrink_offdiag
-from bmmstream.plan import ModuleSpec
+from bmmstream.plan.layout import ModuleSpec
 
 D_OUT, D_IN = 5, 4
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import bmmstream
-from bmmstream.search_run import search_merge
+from bmmstream.search.run import search_merge
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ def test_search_writes_the_best_point_as_the_streamed_merge_would(tiny_llama_sui
     best = res["best_params"]
     assert len(best["blocks"]) == 2
     # the written model is exactly an ordinary merge with the reported parameters
-    from bmmstream.search_run import best_parameters
+    from bmmstream.search.run import best_parameters
 
     plain = dict(cfg)
     plain.pop("search")
@@ -147,7 +147,7 @@ KILLER = textwrap.dedent(
         return orig(model)
     bmm_test_scorer.score = dying
     import json
-    from bmmstream.search_run import search_merge
+    from bmmstream.search.run import search_merge
     search_merge(json.loads(sys.argv[1]), run_dir=sys.argv[2], device="cpu", progress=False)
     """
 )
@@ -189,8 +189,8 @@ POOL_SCORER = textwrap.dedent(
 def test_search_on_bert_keeps_untied_modules_at_the_config_rho(tmp_path, monkeypatch):
     """A BERT pooler is regressed but belongs to no searched group: it keeps parameters.rho, and the
     written model equals an ordinary merge with the reported parameters."""
-    from bmmstream.synthetic import make_bert_suite
-    from bmmstream.search_run import best_parameters
+    from bmmstream.demo import make_bert_suite
+    from bmmstream.search.run import best_parameters
 
     suite = make_bert_suite(tmp_path / "bert", num_experts=2)
     (tmp_path / "pool_scorer.py").write_text(POOL_SCORER)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from bmmstream.sources.local import LocalSource
-from bmmstream.synthetic import LlamaSpec, make_llama_suite
+from bmmstream.demo import LlamaSpec, make_llama_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def test_cli(tmp_path):
 def test_bert_suite_loads_with_automodel(tmp_path):
     from transformers import AutoModel
 
-    from bmmstream.synthetic import make_bert_suite
+    from bmmstream.demo import make_bert_suite
 
     suite = make_bert_suite(tmp_path / "bert", num_experts=2, layers=1, hidden=32, intermediate=48, vocab=64)
     assert LocalSource(suite.base).config()["model_type"] == "bert"

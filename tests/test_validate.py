@@ -7,7 +7,7 @@ import torch
 from bmmstream.errors import BmmError
 from bmmstream.sources.base import TensorInfo
 from bmmstream.sources.local import LocalSource
-from bmmstream.validate import validate_sources
+from bmmstream.sources.validate import validate_sources
 
 
 class FakeSource:
@@ -52,7 +52,7 @@ def test_matching_inputs_pass_and_float_dtype_differences_are_only_noted(caplog)
     same = FakeSource("path/a", BASE, {**CFG, "torch_dtype": "float32", "_name_or_path": "x"})
     f32 = FakeSource("path/f32", _with({"lm_head.weight": ((128, 48), "F32"),
                                          "model.layers.0.mlp.up_proj.weight": ((64, 48), "F16")}), CFG)
-    with caplog.at_level(logging.INFO, logger="bmmstream.validate"):
+    with caplog.at_level(logging.INFO, logger="bmmstream.sources.validate"):
         validate_sources(base, [same, f32])
     assert "expert 'path/f32': 2 floating tensor(s) stored in another dtype" in caplog.text
     validate_sources(base, [])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from bmmstream.errors import BmmError
 from bmmstream.sources.base import TORCH_TO_ST
 from bmmstream.sources.local import LocalSource
-from bmmstream.writer import ShardWriter, copy_aux, plan_shards, write_config, write_text_atomic
+from bmmstream.output.writer import ShardWriter, copy_aux, plan_shards, write_config, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,7 +179,7 @@ CHILD = r"""
 import os, signal, sys, types
 sys.path.insert(0, sys.argv[1])
 import torch
-import bmmstream.writer as W
+import bmmstream.output.writer as W
 from tests.test_writer import _tensors, _layout
 
 out, journal, mode, k = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])

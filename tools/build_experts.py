@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bmmstream import evaluate as ev  # noqa: E402
+from bmmstream.search import metrics as ev  # noqa: E402
 
 SEED = 0
 

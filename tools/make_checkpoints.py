@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bmmstream.synthetic import DTYPES, make_llama_suite  # noqa: E402
+from bmmstream.demo import DTYPES, make_llama_suite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,9 @@ import torch
 
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, get_method, register
-from bmmstream.plan import GROUPS
-from bmmstream.solve import bmm_solve, lam_from_rho
-from bmmstream.stats import combine, datafree_stats, hybrid_grams
+from bmmstream.plan.layout import GROUPS
+from bmmstream.solve.closed_form import bmm_solve, lam_from_rho
+from bmmstream.statistics.grams import combine, datafree_stats, hybrid_grams
 
 STATISTICS = ("data_free", "data_assisted", "hybrid")
 DEFAULT_RHO = 0.01

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from bmmstream.errors import BmmError
-from bmmstream.plan import ModuleSpec
+from bmmstream.plan.layout import ModuleSpec
 
 
 @dataclass

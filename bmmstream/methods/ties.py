@@ -10,7 +10,7 @@ Threshold (`threshold`):
   |U_t| >= the (d - int(d * density))-th smallest |U_t| (torch.kthvalue), d = all parameters. Here a
   first streaming pass (`prepass_observe`) sees every tensor of every kind (linear, embedding and
   vector, like the reference's flattened state dict) and builds per task a log-spaced histogram of
-  |U_t| (bmmstream.kernels); the threshold is the lower edge of the bin holding that order statistic,
+  |U_t| (bmmstream.methods.magnitude_histogram); the threshold is the lower edge of the bin holding that order statistic,
   so  tau_hist <= tau_exact < tau_hist * (1 + 2^-12)  (relative error bound 2.4e-4, on float32
   magnitudes). Entries within that sliver above tau_hist are kept too.
 - "per_tensor" (mergekit's `ties`): keep exactly max(1, int(density * numel)) entries of each tensor
@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bmmstream import kernels
+from bmmstream.methods import magnitude_histogram as kernels
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
 

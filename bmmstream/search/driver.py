@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bmmstream.errors import BmmError
-from bmmstream.writer import write_json_atomic
+from bmmstream.output.writer import write_json_atomic
 from bmmstream.search.history import History, ScoreCache, Trial, cache_key
 from bmmstream.search.space import SearchSpace
 

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from bmmstream.writer import write_json_atomic
+from bmmstream.output.writer import write_json_atomic
 
 
 def best_record(result) -> dict:

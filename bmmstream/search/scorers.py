@@ -12,7 +12,7 @@ on); the search keys its score cache by both. Kinds, as the config's `search.sco
 
 `proxy_size: N` (built-in kinds) adds a proxy scorer on a fixed seeded subset of N rows per task,
 used for most trials; `proxy: {...}` (any kind) gives the proxy scorer explicitly. Scores over several
-tasks are the mean of the per-task scores. The model math lives in bmmstream/evaluate.py.
+tasks are the mean of the per-task scores. The model math lives in bmmstream/search/metrics.py.
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ class LabelLikelihoodScorer(Scorer):
         self.data_hash = data_hash(tasks)
 
     def __call__(self, model):
-        from bmmstream.evaluate import label_likelihood_accuracy
+        from bmmstream.search.metrics import label_likelihood_accuracy
 
         accs = [label_likelihood_accuracy(model, self.tokenizer, rows, batch_size=self.batch_size)
                 for rows in self.tasks.values()]
@@ -156,7 +156,7 @@ class EncoderAccuracyScorer(Scorer):
         )
 
     def __call__(self, model):
-        from bmmstream.evaluate import encoder_accuracy, encoder_batches
+        from bmmstream.search.metrics import encoder_accuracy, encoder_batches
 
         accs = []
         for t in self.tasks.values():
@@ -177,7 +177,7 @@ class PerplexityScorer(Scorer):
         self.data_hash = data_hash(texts)
 
     def __call__(self, model):
-        from bmmstream.evaluate import perplexity
+        from bmmstream.search.metrics import perplexity
 
         return -float(perplexity(model, self.tokenizer, self.texts, max_len=self.max_len))
 
@@ -196,7 +196,7 @@ def _load_encoder_task(name: str, spec: Any, base_dir: Path | None) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from bmmstream.evaluate import linear_head
+    from bmmstream.search.metrics import linear_head
 
     if not isinstance(spec, dict) or "rows" not in spec or "expert" not in spec:
         raise BmmError(f"search.scorer.data.{name}: expected {{rows: val.jsonl, expert: folder}}")

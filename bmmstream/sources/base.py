@@ -100,15 +100,3 @@ def read_config_json(path: Path, label: str | None = None) -> dict:
     if not isinstance(cfg, dict):
         raise BmmError(f"{where}: not a JSON object")
     return cfg
-
-
-def open_source(spec: str, **options) -> TensorSource:
-    """Open a local folder, or a Hub repo written `org/name[@rev]` / `hf://org/name[@rev]`."""
-    p = Path(spec).expanduser()
-    if p.exists() or spec.startswith((".", "/", "~")):
-        from bmmstream.sources.local import LocalSource
-
-        return LocalSource(p)
-    from bmmstream.sources.hub import HubSource  # issue 4
-
-    return HubSource.from_spec(spec, **options)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 
-from bmmstream.config import MergeConfig, load_config
-from bmmstream.plan import split_blocks
+from bmmstream.plan.layout import Plan, split_blocks
+from bmmstream.sources.base import TensorInfo
 
 READ_BANDWIDTH = 1e9  # bytes/s assumed for local safetensors reads
 
@@ -47,27 +46,27 @@ def calibration_flops(layer_params: int, site_dims: list[int], tokens: int) -> f
     return 2.0 * layer_params * tokens + sum(2.0 * tokens * d * d for d in site_dims)
 
 
-def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
-    from bmmstream.methods.registry import get_method
-    from bmmstream.pipeline import open_sources, out_dtype_for, resolve_device
-    from bmmstream.plan import build_plan
-    from bmmstream.sources.base import ST_TO_TORCH
-    from bmmstream.validate import validate_sources
+def estimate_report(
+    plan: Plan,
+    infos: dict[str, TensorInfo],
+    *,
+    experts: int,
+    compute_bytes: int,
+    method: str,
+    method_description: dict,
+    statistics: str,
+    needs_prepass: bool,
+    out_bytes: int,
+    calibration_tokens: list[int] | None,
+    keep_statistics: bool,
+    device: torch.device,
+) -> dict:
+    """The `bmm plan` report from the plan and the headers: no weight is read.
 
-    cfg = load_config(config)
-    dev = resolve_device(device)
-    sources = open_sources(cfg, cache_dir=None)
-    try:
-        validate_sources(sources.base, sources.experts)
-        infos = sources.base.tensor_infos()
-        blocks = int(cfg.parameters.get("blocks", 1))
-        plan = build_plan(sources.base.config(), infos, blocks=blocks)
-        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed)
-    finally:
-        sources.close()
-    T = len(cfg.models)
-    cb = torch.empty((), dtype=cfg.compute_dtype).element_size()
-    statistics = cfg.parameters.get("statistics", "data_free")
+    `calibration_tokens` holds each expert's calibration token budget (samples x max_len) when the
+    method needs data-assisted Grams, else None."""
+    T = experts
+    cb = compute_bytes
     by_name = plan.by_name()
     peak_ram = stats_peak = stats_total = flops = 0.0
     for names in plan.units:
@@ -76,40 +75,30 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
             (by_name[n].shape[1] ** 2 + by_name[n].shape[0] * by_name[n].shape[1]) * cb
             for n in names
             if by_name[n].kind == "linear"
-        ) if method.name == "bmm" else 0
+        ) if method == "bmm" else 0
         peak_ram = max(peak_ram, (T + 3) * params * cb + stats)
         stats_peak = max(stats_peak, stats)
         stats_total += stats
         flops += sum(
-            module_flops(*by_name[n].shape, T, method.name, statistics) for n in names if by_name[n].kind == "linear"
+            module_flops(*by_name[n].shape, T, method, statistics) for n in names if by_name[n].kind == "linear"
         )
     in_bytes = sum(i.nbytes for i in infos.values())
-    out_bytes = sum(
-        infos[n].numel * torch.empty((), dtype=ST_TO_TORCH[out_dtype_for(n, infos[n].dtype, cfg)]).element_size()
-        for n in infos
-    )
-    passes = 2 if method.needs_prepass else 1
+    passes = 2 if needs_prepass else 1
     read_bytes = (T + 1) * in_bytes * passes
     calib_flops = 0.0
-    if getattr(method, "needs_grams", False):
-        from bmmstream.calibration import CalibrationSpec
-
+    if calibration_tokens is not None:
         layer_params = sum(infos[m.name].numel for m in plan.modules if m.layer is not None)
         sites = {(m.layer, m.group): m.shape[1] for m in plan.modules if m.layer is not None and m.kind == "linear"}
-        for model in cfg.models:
-            if model.calibration is None:
-                continue  # validation names the missing data when the run starts
-            spec = CalibrationSpec.from_dict(model.calibration)
-            calib_flops += calibration_flops(layer_params, list(sites.values()), spec.samples * spec.max_len)
+        for tokens in calibration_tokens:
+            calib_flops += calibration_flops(layer_params, list(sites.values()), tokens)
         read_bytes += T * in_bytes
-    fps = measure_flops(dev)
-    keep = bool(cfg.parameters.get("keep_statistics", False)) or cfg.search is not None
+    fps = measure_flops(device)
     return {
         "family": plan.family,
         "layers": plan.num_layers,
         "blocks": [[r.start, r.stop - 1] for r in split_blocks(plan.num_layers, plan.num_blocks)] if plan.num_layers else [],
         "experts": T,
-        "method": method.describe(),
+        "method": method_description,
         "counts": {
             "kinds": dict(Counter(m.kind for m in plan.modules)),
             "groups": dict(Counter(m.group for m in plan.modules if m.kind == "linear")),
@@ -119,10 +108,10 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
             for m in plan.modules
         ],
         "estimate": {
-            "device": str(dev),
+            "device": str(device),
             "peak_ram_bytes": int(peak_ram),
             "output_bytes": int(out_bytes),
-            "stats_disk_bytes": int(stats_total if keep else stats_peak),
+            "stats_disk_bytes": int(stats_total if keep_statistics else stats_peak),
             "read_bytes": int(read_bytes),
             "flops": float(flops + calib_flops),
             "calibration_flops": float(calib_flops),

@@ -1,7 +1,7 @@
 """`bmm search`: BMM's outer loop (Algorithm 1) on a resident model, then one streamed write.
 
 1. Statistics: stream the checkpoints unit by unit as a merge does; per regressed module keep
-   W_pre, the anchor U0 and the spectral factors of G (fast_solve.prepare: eigh once, then a new
+   W_pre, the anchor U0 and the spectral factors of G (solve.spectral.prepare: eigh once, then a new
    lam costs one matmul). G and C also go to the run's Zarr store, so the final write reuses them.
    With hybrid statistics G and C are affine in eps (G = eps A + (1 - eps) B, likewise C), so the
    two ends are kept instead and each trial does a batched Cholesky solve.
@@ -28,10 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from bmmstream.errors import BmmError
-from bmmstream.fast_solve import prepare as spectral_prepare
+from bmmstream.solve.spectral import prepare as spectral_prepare
 from bmmstream.methods.registry import get_method
-from bmmstream.solve import bmm_solve
-from bmmstream.stats import combine, hybrid_grams
+from bmmstream.solve.closed_form import bmm_solve
+from bmmstream.statistics.grams import combine, hybrid_grams
 
 
 @dataclass
@@ -42,7 +42,7 @@ class _Batch:
     blocks: list[int]
     groups: list[str]
     W_pre: torch.Tensor  # [B, o, i]
-    spectral: object | None = None  # fast_solve.SpectralStats (non-hybrid)
+    spectral: object | None = None  # solve.spectral.SpectralStats (non-hybrid)
     ends: tuple | None = None  # (A, B, CA, CB, U0) for hybrid
 
 
@@ -206,14 +206,14 @@ def search_merge(
     """Search BMM's block-tied hyperparameters, then write the best merged model.
 
     Returns {"output", "best_params", "best_score", "evaluations", "report_dir"}."""
-    from bmmstream.calibrate import _tokenizer_dir, calibrate
-    from bmmstream.calibration import load_tokenizer
+    from bmmstream.statistics.data_assisted import _tokenizer_dir, calibrate
+    from bmmstream.statistics.calibration_data import load_tokenizer
     from bmmstream.config import load_config
     from bmmstream.pipeline import default_run_dir, execute, prepare
     from bmmstream.search import SearchSpace, run_search
     from bmmstream.search.report import write_report
     from bmmstream.search.scorers import make_scorers
-    from bmmstream.stats_store import StatsStore
+    from bmmstream.statistics.store import StatsStore
 
     origin = Path(config).resolve().parent if isinstance(config, (str, Path)) else Path.cwd()
     cfg = load_config(config)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bmmstream.errors import BmmError
-from bmmstream.stats_store import StatsStore
+from bmmstream.statistics.store import StatsStore
 
 
 def _tokenizer_dir(base, scratch: Path) -> Path | None:
@@ -38,8 +38,8 @@ def _tokenizer_dir(base, scratch: Path) -> Path | None:
 
 def calibrate(job, store: StatsStore, progress: bool = True) -> None:
     """Collect and store Grams for every expert not yet complete."""
-    from bmmstream.calibration import calibration_batches, load_tokenizer
-    from bmmstream.capture import collect_input_grams
+    from bmmstream.statistics.calibration_data import calibration_batches, load_tokenizer
+    from bmmstream.statistics.capture import collect_input_grams
 
     cfg = job.cfg
     missing = [str(m.model) for m in cfg.models if not m.calibration]

@@ -41,7 +41,6 @@ import torch
 from torch import nn
 
 from bmmstream.errors import BmmError
-from bmmstream.memory import trim_heap
 from bmmstream.sources.base import TensorSource
 
 Grams = dict[str, tuple[torch.Tensor, int]]
@@ -204,7 +203,7 @@ def collect_input_grams(
 ) -> Grams:
     """Per-site raw input Grams of every linear in the layer stack of one expert.
 
-    batches: dicts with "input_ids" and "attention_mask" [B, S] (see bmmstream.calibration).
+    batches: dicts with "input_ids" and "attention_mask" [B, S] (see bmmstream.statistics.calibration_data).
     dtype: accumulation dtype of the Grams; compute_dtype: dtype of the forward (default: dtype).
     hidden_cache_dir: when given, hidden states between layers are spilled there instead of being
     kept on the device. Returns {checkpoint tensor name: (sum x x^T [d_in, d_in], n_tokens)}, with
@@ -367,3 +366,18 @@ def collect_input_grams(
             trim_heap()
     store.clear()
     return result
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc only; a no-op elsewhere).
+
+    Each layer allocates and frees weight-sized blocks; glibc's dynamic mmap threshold then serves
+    later blocks from the heap, whose free pages stay in RSS and fragment, so without this RSS
+    grows by a few MB per layer (measured in bench/calibration_memory.py and bench/rss_depth.py).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,6 +1,6 @@
 """Sufficient statistics of the BMM regression, per module: G (d_in x d_in) and C (d_out x d_in).
 
-Pure functions on tensors; where they are stored is stats_store.py's business.
+Pure functions on tensors; where they are stored is store.py's business.
 
 - data-free (Eq. 15):    G_t = U_t^T U_t
 - data-assisted (Eq. 8): G_t = X_t X_t^T / n_t, the mean input Gram of task t (per-task

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bmmstream.writer import write_json_atomic  # noqa: F401  (re-exported: run files use it)
+from bmmstream.output.writer import write_json_atomic  # noqa: F401  (re-exported: run files use it)
 
 
 def append_jsonl(path: Path, records: list[dict]) -> None:
