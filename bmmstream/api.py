@@ -1,9 +1,22 @@
 """The Python API; the CLI is a thin shell over these functions."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from bmmstream.config import MergeConfig
+
+
+@contextmanager
+def _disk_errors():
+    """A filesystem failure while writing (read-only, full, no permission) becomes one BmmError line;
+    what was written stays, so rerunning the same command resumes."""
+    from bmmstream.output.writer import disk_error
+
+    try:
+        yield
+    except OSError as e:
+        raise disk_error(e) from None
 
 
 def merge(
@@ -17,15 +30,17 @@ def merge(
     Returns the merged model folder."""
     from bmmstream.pipeline import execute, prepare
 
-    job = prepare(config, out=out, run_dir=run_dir, device=device)
-    try:
-        return execute(job, progress=progress)
-    finally:
-        job.sources.close()
+    with _disk_errors():
+        job = prepare(config, out=out, run_dir=run_dir, device=device)
+        try:
+            return execute(job, progress=progress)
+        finally:
+            job.sources.close()
 
 
 def resume(run_dir: str | Path, device: str = "auto", progress: bool = True) -> Path:
-    """Continue a killed run from its run directory; bit-identical to an uninterrupted run."""
+    """Continue a killed run from its run directory; bit-identical to an uninterrupted run.
+    A search run continues its search (same history, same choice), then writes the best point."""
     from bmmstream.errors import BmmError
     from bmmstream.output.rundir import RunDir
 
@@ -33,6 +48,9 @@ def resume(run_dir: str | Path, device: str = "auto", progress: bool = True) -> 
     if not run.exists():
         raise BmmError(f"{run_dir}: not a bmmstream run directory (no run.json)")
     rec = run.load()
+    if rec["config"].get("search"):
+        res = search_merge(rec["config"], out=rec["output"], run_dir=run_dir, device=device, progress=progress)
+        return Path(res["output"])
     return merge(rec["config"], out=rec["output"], run_dir=run_dir, device=device, progress=progress)
 
 
@@ -60,4 +78,5 @@ def search_merge(
     (`bmm search`). Resumable: the history and score cache live in the run directory."""
     from bmmstream.search.run import search_merge as _search
 
-    return _search(config, out=out, run_dir=run_dir, device=device, progress=progress)
+    with _disk_errors():
+        return _search(config, out=out, run_dir=run_dir, device=device, progress=progress)

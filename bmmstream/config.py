@@ -5,13 +5,14 @@ into one BmmError line naming the config file and the field.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bmmstream.errors import BmmError
 
@@ -39,11 +40,33 @@ def parse_size(value: int | str | None) -> int | None:
     return int(num * base ** ("KMGT".index(unit[0]) + 1))
 
 
+def model_parameter_problem(key: str, value: Any) -> str | None:
+    """What is wrong with the value of a per-model parameter (mergekit's `weight`, `density`), or None.
+
+    Only the value is checked here; whether the merge method uses the name is the method's call."""
+    if key in ("weight", "density"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"parameter '{key}' must be a finite number, got {value!r}"
+        if key == "density" and not 0.0 < float(value) <= 1.0:
+            return f"parameter 'density' must be in (0, 1], got {value!r}"
+    return None
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _parameter_values(self):
+        for key, value in self.parameters.items():
+            nested = value.items() if key == "anchor" and isinstance(value, dict) else [(key, value)]
+            for k, v in nested:
+                problem = model_parameter_problem(k, v)
+                if problem:
+                    raise ValueError(f"{self.model}: {problem}")
+        return self
 
 
 class MergeConfig(BaseModel):
@@ -58,6 +81,9 @@ class MergeConfig(BaseModel):
     seed: int = 0
     max_disk: int | str | None = None  # Hub streaming: downloaded bytes held on disk at once
     search: dict[str, Any] | None = None
+    # the output's vocabulary and tokenizer when experts add tokens (sources/vocab.py):
+    # base, union, or model:<a path as written in models / base_model>
+    tokenizer_source: str | None = None  # None: base
 
     @field_validator("models")
     @classmethod
@@ -83,7 +109,25 @@ class MergeConfig(BaseModel):
     @field_validator("shard_size", "max_disk")
     @classmethod
     def _size(cls, v):
-        return parse_size(v)
+        if isinstance(v, bool):
+            raise ValueError(f"not a size: {v!r} (examples: 5GB, 500MiB, 1000000)")
+        size = parse_size(v)
+        if size is not None and size <= 0:
+            raise ValueError(f"must be a positive size (examples: 5GB, 500MiB, 1000000), got {v!r}")
+        return size
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tokenizer_source(cls, v, info):
+        if v is None or v in ("base", "union"):
+            return v
+        named = [info.data.get("base_model")] + [m.model for m in info.data.get("models") or []]
+        if v.startswith("model:") and v.removeprefix("model:") in named:
+            return v
+        if v.startswith("model:"):
+            raise ValueError(f"{v.removeprefix('model:')!r} is not base_model or one of the models "
+                             f"(write model:<path> exactly as in the config)")
+        raise ValueError(f"must be base, union or model:<path>, got {v!r}")
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -29,6 +29,7 @@ from bmmstream.plan.layout import Plan, build_plan
 from bmmstream.output.rundir import RunDir, append_jsonl, write_json_atomic
 from bmmstream.sources import open_source
 from bmmstream.sources.base import ST_TO_TORCH, TORCH_TO_ST, TensorSource
+from bmmstream.sources.vocab import TOKENIZER_FILES, VocabPlan, plan_vocab
 from bmmstream.statistics.store import StatsStore
 
 
@@ -71,7 +72,7 @@ def open_sources(cfg: MergeConfig, *, cache_dir: Path | None) -> Sources:
     if cache_dir is not None:
         opts["cache_dir"] = cache_dir
     base = open_source(cfg.base_model, **opts)
-    experts = [open_source(m.model, **opts) for m in cfg.models]
+    experts = [open_source(m.model, base=base, **opts) for m in cfg.models]  # base: for LoRA adapters
     return Sources(base, experts)
 
 
@@ -88,6 +89,10 @@ def pinned_config(cfg: MergeConfig, sources: Sources) -> dict:
     d["base_model"] = pin(cfg.base_model, sources.base)
     for entry, src in zip(d["models"], sources.experts):
         entry["model"] = pin(entry["model"], src)
+    if str(cfg.tokenizer_source).startswith("model:"):  # names one of the sources: pinned like it
+        specs = [cfg.base_model] + [m.model for m in cfg.models]
+        k = specs.index(cfg.tokenizer_source.removeprefix("model:"))
+        d["tokenizer_source"] = "model:" + ([d["base_model"]] + [m["model"] for m in d["models"]])[k]
     return d
 
 
@@ -110,6 +115,7 @@ class Job:
     plan: Plan
     method: MergeMethod
     layout: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+    vocab: VocabPlan | None = None  # experts with added tokens: the output's vocabulary (sources/vocab.py)
 
     @cached_property
     def specs(self) -> dict:
@@ -156,21 +162,47 @@ def prepare(
     sources = open_sources(cfg, cache_dir=run.root / "hub-cache")
     try:
         validate_sources(sources.base, sources.experts)
-        blocks = int(cfg.parameters.get("blocks", 1))
+        vocab = plan_vocab(cfg.tokenizer_source, sources.base, sources.experts,
+                           [cfg.base_model] + [m.model for m in cfg.models])
+        if vocab is not None:  # methods see the base's rows; the added rows are read aside
+            base_infos = sources.base.tensor_infos()
+            sources.experts = [vocab.view(e, t, base_infos) for t, e in enumerate(sources.experts)]
+        blocks = cfg.parameters.get("blocks", 1)
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise BmmError(f"parameters.blocks must be an integer >= 1, got {blocks!r}")
         plan = build_plan(sources.base.config(), sources.base.tensor_infos(), blocks=blocks)
-        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed)
+        if blocks > max(plan.num_layers, 1):
+            raise BmmError(
+                f"parameters.blocks is {blocks}, but {cfg.base_model} has {plan.num_layers} layer(s) to cut into blocks"
+            )
+        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed,
+                            models=[(m.model, m.parameters) for m in cfg.models])
+        for m in (method, getattr(method, "anchor", None)):  # SLERP's gradient over layers needs their number
+            if hasattr(m, "num_layers"):
+                m.num_layers = plan.num_layers
     except BaseException:
         sources.close()
         raise
     infos = sources.base.tensor_infos()
-    layout = [(n, tuple(infos[n].shape), out_dtype_for(n, infos[n].dtype, cfg)) for unit in plan.units for n in unit]
-    job = Job(cfg, run, out_path.resolve(), dev, sources, plan, method, layout)
-    if not run.exists():
-        run.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            run.run_json,
-            {"config": pinned_config(cfg, sources), "output": str(job.out), "bmmstream": __version__},
-        )
+    layout = [(n, vocab.out_shape(n, infos[n].shape) if vocab else tuple(infos[n].shape),
+               out_dtype_for(n, infos[n].dtype, cfg)) for unit in plan.units for n in unit]
+    job = Job(cfg, run, out_path.resolve(), dev, sources, plan, method, layout, vocab)
+    from bmmstream.output.writer import disk_error
+
+    where = run.root
+    try:
+        if not run.exists():
+            run.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(
+                run.run_json,
+                {"config": pinned_config(cfg, sources), "output": str(job.out), "bmmstream": __version__},
+            )
+        if not job.out.exists():  # an unwritable output location is refused now, not after the work
+            where = job.out  # built as <out>.partial; the user chose <out>
+            job.partial.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sources.close()
+        raise disk_error(e, where) from None
     return job
 
 
@@ -185,6 +217,8 @@ def _unpinned(d: dict) -> dict:
     d["base_model"] = strip(d["base_model"])
     for m in d["models"]:
         m["model"] = strip(m["model"])
+    if str(d.get("tokenizer_source")).startswith("model:"):
+        d["tokenizer_source"] = "model:" + strip(d["tokenizer_source"].removeprefix("model:"))
     return d
 
 
@@ -202,14 +236,35 @@ def _unit_inputs(
             passthrough[n] = raw
             continue
         base = raw.to(job.device, dtype)
+        # a linear stored (d_in, d_out) (GPT-2's Conv1D) reaches methods as (d_out, d_in), like every other
+        flip = by_name[n].transposed
+        if flip:
+            base = base.T.contiguous()
+        if not bool(torch.isfinite(base).all()):  # NaN/Inf would reach every method's output
+            raise BmmError(f"{job.sources.base.id}: tensor '{n}' contains NaN or Inf values")
         deltas = torch.empty((len(job.sources.experts), *base.shape), dtype=dtype, device=job.device)
         for t, e in enumerate(job.sources.experts):  # filled in place: no T-fold temporary copy
-            deltas[t].copy_(e.get(n))
+            deltas[t].copy_(e.get(n).T if flip else e.get(n))
+            if not bool(torch.isfinite(deltas[t]).all()):
+                raise BmmError(f"{e.id}: tensor '{n}' contains NaN or Inf values")
             deltas[t] -= base
         grams = None
         if store is not None and job.needs_grams and by_name[n].kind == "linear":
             grams = module_grams(store, n, len(job.sources.experts), job.device, dtype)
-        inputs.append(ModuleInput(by_name[n], base, deltas, grams))
+        # LoRA experts: per task (B, A) with U_t = B A for the statistics (rank 0 where the delta is
+        # exactly zero); None when some expert has no such form (a full fine-tune): dense statistics
+        factors = None
+        if by_name[n].kind == "linear" and any(hasattr(e, "lora_factors") for e in job.sources.experts):
+            factors = []
+            for t, e in enumerate(job.sources.experts):
+                f = e.lora_factors(n) if hasattr(e, "lora_factors") else None
+                if f is None and not bool(deltas[t].any()):
+                    f = (deltas.new_zeros(deltas.shape[1], 0), deltas.new_zeros(0, deltas.shape[2]))
+                if f is None or (f[0].shape[0], f[1].shape[1]) != tuple(deltas.shape[1:]):
+                    factors = None
+                    break
+                factors.append((f[0].to(job.device), f[1].to(job.device)))
+        inputs.append(ModuleInput(by_name[n], base, deltas, grams, factors))
     return inputs, passthrough
 
 
@@ -251,13 +306,23 @@ def _merge_unit(job: Job, names: list[str], store: StatsStore | None) -> dict[st
         merged = method.merge_unit(inputs)
     out = dict(passthrough)
     for inp in inputs:
-        out[inp.spec.name] = inp.base + merged[inp.spec.name]
+        w = inp.base + merged[inp.spec.name]
+        out[inp.spec.name] = w.T.contiguous() if inp.spec.transposed else w  # back to the stored layout
+        if job.vocab is not None:  # added tokens' rows: averaged over the experts that have them
+            out[inp.spec.name] = job.vocab.extend(inp.spec.name, out[inp.spec.name], job.sources.experts)
     return out
 
 
 def model_card(job: Job) -> str:
     cfg = job.cfg
     srcs = job.sources
+    # sources as run.json pins them (absolute folders, Hub names): the card must not depend on the
+    # working directory a run was started or resumed from
+    pinned = job.run.load()["config"]
+
+    def named(spec: str, src: TensorSource) -> str:
+        return f"`{spec.split('@')[0]}` (revision `{src.revision}`)" if src.revision else f"`{spec}`"
+
     lines = [
         "---",
         "library_name: transformers",
@@ -269,10 +334,10 @@ def model_card(job: Job) -> str:
         "",
         "## Sources",
         "",
-        f"- base: `{cfg.base_model}`" + (f" (revision `{srcs.base.revision}`)" if srcs.base.revision else ""),
+        f"- base: {named(pinned['base_model'], srcs.base)}",
     ]
-    for m, s in zip(cfg.models, srcs.experts):
-        lines.append(f"- expert: `{m.model}`" + (f" (revision `{s.revision}`)" if s.revision else ""))
+    for m, s in zip(pinned["models"], srcs.experts):
+        lines.append(f"- expert: {named(m['model'], s)}")
     lines += [
         "",
         "## Method and hyperparameters",
@@ -289,7 +354,7 @@ def model_card(job: Job) -> str:
 
 def execute(job: Job, *, progress: bool = True) -> Path:
     """Run (or continue) a prepared job to completion; returns the output folder."""
-    from bmmstream.output.writer import ShardWriter, copy_aux, write_config, write_text_atomic
+    from bmmstream.output.writer import ShardWriter, copy_aux, disk_error, write_config, write_text_atomic
 
     run = job.run
     if run.complete():
@@ -311,7 +376,10 @@ def execute(job: Job, *, progress: bool = True) -> Path:
     uses_store = getattr(job.method, "uses_statistics", False) or job.needs_grams
     store = StatsStore(run.stats) if uses_store else None
     if job.needs_grams:
-        calibrate(job, store, progress)
+        try:
+            calibrate(job, store, progress)
+        except OSError as e:  # the calibration Grams go to the statistics store
+            raise disk_error(e, run.stats) from None
     keep = bool(job.cfg.parameters.get("keep_statistics", False))
     units = job.plan.units
     bar = tqdm(total=len(job.layout), desc=f"merge ({job.cfg.merge_method})", unit="tensor", disable=not progress)
@@ -324,7 +392,12 @@ def execute(job: Job, *, progress: bool = True) -> Path:
             if i + 1 < len(units):
                 for s in job.sources.all:
                     s.prefetch(units[i + 1])
-            merged = _merge_unit(job, names, store)
+            try:
+                merged = _merge_unit(job, names, store)
+            except OSError as e:  # the statistics store (reads of inputs fail as BmmError)
+                need = sum((sh[0] + sh[-1]) * sh[-1] for n, sh, _ in job.layout
+                           if n in names and len(sh) == 2 and job.specs[n].kind == "linear")
+                raise disk_error(e, run.stats, need * job.cfg.compute_dtype.itemsize if store else None) from None
             out_dt = {n: dt for n, _, dt in job.layout}
             for n in names:
                 if not writer.done(n):
@@ -344,8 +417,26 @@ def execute(job: Job, *, progress: bool = True) -> Path:
     finally:
         bar.close()
     writer.finalize()
-    write_config(job.partial, job.sources.base.config(), _config_dtype(job))
-    copy_aux(job.sources.base, job.partial)
+    for src in job.sources.all:  # Hub files: the bytes merged must be the bytes the Hub recorded
+        if hasattr(src, "verify"):
+            try:
+                src.verify()
+            except BmmError:
+                writer.close()  # nothing derived from those bytes may be resumed from
+                for p in (job.partial, run.stats):
+                    shutil.rmtree(p, ignore_errors=True)
+                for p in (run.journal, run.prepass, run.solve_log):
+                    p.unlink(missing_ok=True)
+                raise
+    base_cfg = job.sources.base.config()
+    write_config(job.partial, job.vocab.output_config(base_cfg) if job.vocab else base_cfg, _config_dtype(job))
+    tok = job.sources.experts[job.vocab.tokenizer] if job.vocab and job.vocab.tokenizer is not None else None
+    copy_aux(job.sources.base, job.partial,
+             [f for f in job.sources.base.aux_files() if tok is None or f not in TOKENIZER_FILES])
+    if tok is not None:  # tokenizer_source: that expert's tokenizer files, none of the base's
+        for f in TOKENIZER_FILES:
+            (job.partial / f).unlink(missing_ok=True)
+        copy_aux(tok, job.partial, [f for f in tok.aux_files() if f in TOKENIZER_FILES])
     write_text_atomic(job.partial / "README.md", model_card(job))
     os.replace(job.partial, job.out)
     _write_manifest(job)
@@ -382,6 +473,9 @@ def status(run_dir: str | Path) -> dict:
         "complete": run.complete(),
         "tensors_written": len(written),
         "prepass_done": run.prepass.exists(),
+        # a search run resumes as a search (`bmm resume`): how many trials its history holds
+        "search": bool(rec["config"].get("search")),
+        "search_trials": sum(len(read_jsonl(h)) for h in run.root.glob("search/*/history.jsonl")),
     }
 
 
@@ -399,7 +493,8 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
         infos = sources.base.tensor_infos()
         blocks = int(cfg.parameters.get("blocks", 1))
         plan = build_plan(sources.base.config(), infos, blocks=blocks)
-        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed)
+        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed,
+                            models=[(m.model, m.parameters) for m in cfg.models])
     finally:
         sources.close()
     out_bytes = sum(
@@ -416,6 +511,9 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
         infos,
         experts=len(cfg.models),
         compute_bytes=torch.empty((), dtype=cfg.compute_dtype).element_size(),
+        # BMM accumulates G and C in float64 unless `statistics_dtype: compute`
+        statistics_bytes=8 if method.params.get("statistics_dtype") == "float64"
+        else torch.empty((), dtype=cfg.compute_dtype).element_size(),
         method=method.name,
         method_description=method.describe(),
         statistics=cfg.parameters.get("statistics", "data_free"),

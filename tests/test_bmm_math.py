@@ -85,12 +85,18 @@ def test_failed_cholesky_is_damped_for_that_module_only():
 
 
 def test_hybrid_limits():
+    """Plain convex combination (issue 11): eps = 1 is exactly the data-assisted Grams, eps = 0
+    exactly the data-free ones; `rescale` (bmm's hybrid_rescale) first scales each side to unit
+    mean eigenvalue, the rule that used to be the default."""
     U = _tasks()
     X = torch.randn(3, 9, 30, dtype=torch.float64)
     few = X @ X.transpose(1, 2)
     df = datafree_grams(U)
-    h1 = hybrid_grams(U, few, 1.0)
-    h0 = hybrid_grams(U, few, 0.0)
+    assert torch.equal(hybrid_grams(U, few, 1.0), few)
+    assert torch.equal(hybrid_grams(U, few, 0.0), df)
+    assert _rel(hybrid_grams(U, few, 0.3), 0.3 * few + 0.7 * df) < 1e-15
+    h1 = hybrid_grams(U, few, 1.0, rescale=True)
+    h0 = hybrid_grams(U, few, 0.0, rescale=True)
     for t in range(3):
         assert _rel(h1[t], few[t] / (few[t].trace() / 9)) < 1e-14
         assert _rel(h0[t], df[t] / (df[t].trace() / 9)) < 1e-14

@@ -58,11 +58,14 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("statistics", ["data_assisted", "hybrid"])
-def test_data_assisted_and_hybrid_bmm_match_reference(tiny_llama_suite, tmp_path, statistics):
+@pytest.mark.parametrize("statistics,rescale", [("data_assisted", False), ("hybrid", False), ("hybrid", True)])
+def test_data_assisted_and_hybrid_bmm_match_reference(tiny_llama_suite, tmp_path, statistics, rescale):
+    """hybrid: the plain convex combination of per-task Grams (default) or, with hybrid_rescale,
+    of Grams first scaled to unit mean eigenvalue."""
     suite = tiny_llama_suite
+    extra = {"hybrid_rescale": True} if rescale else {}
     cfg = _cfg(suite, tmp_path, anchor="task_arithmetic", anchor_parameters={"scale": 0.3},
-               statistics=statistics, rho=0.05, eps=0.3)
+               statistics=statistics, rho=0.05, eps=0.3, **extra)
     out = bmmstream.merge(cfg, out=tmp_path / "m", run_dir=tmp_path / "r", device="cpu", progress=False)
     merged = _merged(out)
     ref_grams = _reference_grams(suite, cfg)
@@ -77,7 +80,7 @@ def test_data_assisted_and_hybrid_bmm_match_reference(tiny_llama_suite, tmp_path
         U = torch.stack([e.get(m.name).double() - W0 for e in experts])
         grams = torch.stack([g[m.name] for g in ref_grams])
         if statistics == "hybrid":
-            grams = hybrid_grams(U, grams, 0.3)
+            grams = hybrid_grams(U, grams, 0.3, rescale=rescale)
         G, C = combine(U, grams)
         ref = dense_reference(G, C, 0.3 * U.sum(0), 0.05 * G.trace() / G.shape[0])
         assert _rel(merged[m.name].double() - W0, ref) < 1e-5, m.name

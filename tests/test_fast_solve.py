@@ -138,3 +138,22 @@ def test_truncation_errors_table_matches_single_calls():
         for j, k in enumerate(ks):
             assert torch.allclose(table[i, j], truncation_error(G, C, U0, k, lam), rtol=1e-9, atol=1e-14)
     assert table[:, -1].max() < 1e-12
+
+
+@pytest.mark.parametrize("rho", [1e-2, 1e-4, 1e-6])
+def test_exact_prepare_of_low_rank_statistics_is_float64_accurate_in_float32(rho):
+    """The exact re-solve uses the residual form U0 + A diag(1/(e+lam)) Q^T with A from a float64
+    eigh (issue 11). As a search holds them: G, C float64 (the statistics' dtype), the anchor U0 in
+    the float32 compute dtype, outside span(G) (rank 3): a trial is one float32 matmul and matches
+    the float64 solve; lam is the written merge's, bit for bit."""
+    from bmmstream.solve.closed_form import lam_from_rho as merge_lam
+
+    G, C, U0 = _stats(2, 6, 24, 48, torch.float64, seed=9, rank=3)
+    U0 = U0.float()
+    st = prepare(G, C, U0)
+    assert st.k is None and st.A.dtype == st.Q.dtype == torch.float32 and st.e.dtype == torch.float64
+    lam = st.lam(rho)
+    assert torch.equal(lam, merge_lam(G, rho))
+    U = st.solve(lam)
+    assert U.dtype == torch.float32
+    assert _rel(U, _reference(G, C, U0, lam)) < 1e-5

@@ -122,6 +122,10 @@ def test_faults(server):
     server.set_faults(corrupt=1)
     r, body = _req(server, "GET", path, {"Range": "bytes=0-3"})
     assert body == bytes([255, 254, 253, 252])
+    server.set_faults(bitflip=1)  # one bit of the body, the rest as on disk
+    r, body = _req(server, "GET", path, {"Range": "bytes=0-3"})
+    r2, good = _req(server, "GET", path, {"Range": "bytes=0-3"})
+    assert body[0] == good[0] ^ 1 and body[1:] == good[1:] and len(body) == 4
     server.set_faults(ignore_range=1)
     r, body = _req(server, "GET", path, {"Range": "bytes=0-3"})
     assert r.status == 200 and len(body) == 1024
@@ -137,7 +141,7 @@ def test_faults(server):
     r, body = _req(server, "GET", "/_control/stats")
     stats = json.loads(body)
     assert stats["requests"] == before
-    assert stats["injected"] == {"error_500": 2, "truncate": 1, "corrupt": 1, "ignore_range": 1, "drop": 1}
+    assert stats["injected"] == {"error_500": 2, "truncate": 1, "corrupt": 1, "bitflip": 1, "ignore_range": 1, "drop": 1}
     r, body = _req(server, "POST", "/_control/faults", {}, json.dumps({"nonsense": 1}))
     assert r.status == 400
 

@@ -117,3 +117,51 @@ def test_validate_point():
     bad = {"blocks": [{"scale": 1.0, "rho": {"attn_in": 0.1}}]}
     with pytest.raises(BmmError, match=r"lacks group\(s\) \['attn_out', 'mlp_in', 'mlp_out'\]"):
         sp.validate(bad)
+
+
+def _plan(groups_per_block: list[set[str]], family: str = "toy"):
+    from bmmstream.plan.layout import ModuleSpec, Plan
+
+    mods = [ModuleSpec(f"layers.{b}.{g}.weight", (4, 4), "linear", g, b, b, b + 1)
+            for b, gs in enumerate(groups_per_block) for g in sorted(gs)]
+    mods.append(ModuleSpec("pooler.weight", (4, 4), "linear", "other", None, len(groups_per_block) - 1, 9))
+    mods.append(ModuleSpec("layers.0.norm.weight", (4,), "vector", "other", 0, 0, 1))
+    return Plan(family, len(groups_per_block), len(groups_per_block), mods)
+
+
+def test_plan_groups_keeps_only_groups_with_modules_and_refuses_when_none():
+    from bmmstream.search.space import plan_groups
+
+    kept, dropped = plan_groups(_plan([{"attn_in", "attn_out", "mlp_in", "mlp_out"}, {"attn_in", "mlp_out"}]))
+    assert kept == [("attn_in", "attn_out", "mlp_in", "mlp_out"), ("attn_in", "mlp_out")]
+    assert dropped == [(), ("attn_out", "mlp_in")]
+    with pytest.raises(BmmError, match=r"^search: no regressed module of this 'generic' model is in a searched group "
+                                       r"\(attn_in, attn_out, mlp_in, mlp_out\), so no rho would reach the model; "):
+        plan_groups(_plan([{"other"}, {"other"}], family="generic"))
+
+
+def test_per_block_groups_shape_every_point():
+    sp = SearchSpace(2, block_groups=[("attn_in", "mlp_out"), ("attn_in", "attn_out", "mlp_in", "mlp_out")])
+    assert sp.groups_of(0) == ("attn_in", "mlp_out") and sp.groups_of(1) == SEARCH_GROUPS
+    assert sp.dimension == (1 + 2) + (1 + 4)
+    param = sp.parametrization(seed=0)
+    assert param.dimension == sp.dimension
+    points = [sp.to_params(param.value), sp.random_point(np.random.default_rng(0)), sp.grid(1)[0]]
+    for p in points:
+        assert [sorted(b["rho"]) for b in p["blocks"]] == [["attn_in", "mlp_out"], sorted(SEARCH_GROUPS)]
+        assert sp.validate(p) == p
+    assert sp.signature()["groups"] == [["attn_in", "mlp_out"], list(SEARCH_GROUPS)]
+    # the same groups in every block fold into `groups`: the signature of the four-group space is unchanged
+    same = SearchSpace(2, block_groups=[SEARCH_GROUPS, SEARCH_GROUPS])
+    assert same.block_groups is None and same.signature() == SearchSpace(2).signature()
+    two = SearchSpace(1, block_groups=[("attn_in", "attn_out")])
+    assert two.dimension == 3 and set(two.grid(1)[0]["blocks"][0]["rho"]) == {"attn_in", "attn_out"}
+    with pytest.raises(BmmError, match=r"^search space: 1 block group lists for 2 blocks$"):
+        SearchSpace(2, block_groups=[SEARCH_GROUPS])
+    with pytest.raises(BmmError, match=r"^search space: unknown group 'other'"):
+        SearchSpace(1, block_groups=[("other",)])
+    with pytest.raises(BmmError, match=r"^search space: no group to search a damping for$"):
+        SearchSpace(1, block_groups=[()])
+    bad = {"blocks": [{"scale": 1.0, "rho": {"attn_in": 0.1}}, points[0]["blocks"][1]]}
+    with pytest.raises(BmmError, match=r"^search point: block 0 'rho' lacks group\(s\) \['mlp_out'\]$"):
+        sp.validate(bad)

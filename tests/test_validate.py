@@ -88,7 +88,7 @@ def test_single_problem_and_cap():
 
     many = {f"t{i:02d}": ((2,), "F32") for i in range(25)}
     with pytest.raises(BmmError) as e:
-        validate_sources(FakeSource("b", many), [FakeSource("y", {})])
+        validate_sources(FakeSource("b", many, CFG), [FakeSource("y", {})])
     msg = str(e.value)
     assert msg.startswith("25 problems in the inputs: expert 'y': missing tensor 't00'; ")
     assert msg.endswith("expert 'y': missing tensor 't19'; ... and 5 more")

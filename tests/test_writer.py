@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import random
@@ -319,3 +320,54 @@ def test_copy_aux_and_atomic_text(tmp_path, st_folder):
     write_text_atomic(out / "README.md", "again\n")
     assert (out / "README.md").read_text() == "again\n"
     assert sorted(os.listdir(out)) == ["README.md", "special_tokens_map.json", "tokenizer.json"]
+
+
+@pytest.mark.parametrize(
+    "err, needed, expected",
+    [
+        (errno.ENOSPC, 1234, "/o/x: no space left on device (1234 bytes needed); free space and rerun the same command to resume"),
+        (errno.ENOSPC, None, "/o/x: no space left on device; free space and rerun the same command to resume"),
+        (errno.EROFS, None, "/o/x: read-only file system; choose a writable --out / --run-dir"),
+        (errno.EACCES, None, "/o/x: permission denied; choose a writable --out / --run-dir"),
+        (errno.EIO, None, "/o/x: Input/output error"),
+    ],
+)
+def test_disk_error_is_one_line_naming_the_path(err, needed, expected):
+    from bmmstream.output.writer import disk_error
+
+    e = OSError(err, os.strerror(err), "/o/x")
+    assert str(disk_error(e, needed=needed)) == expected
+    assert str(disk_error(OSError(err, os.strerror(err)), "/o/x", needed)) == expected  # path given by the caller
+
+
+def test_full_disk_in_the_middle_of_a_tensor_names_the_shard_and_resumes(tmp_path, monkeypatch):
+    tensors = _tensors()
+    layout = _layout(tensors)
+    calls = {"n": 0}
+    orig = ShardWriter._write_data
+
+    def full_on_3rd(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            self._file.write(bytes(data)[:5])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return orig(self, data)
+
+    monkeypatch.setattr(ShardWriter, "_write_data", full_on_3rd)
+    w = ShardWriter(tmp_path / "out", layout, 10**9, tmp_path / "j.jsonl")
+    with pytest.raises(BmmError) as e:
+        for n, _, _ in layout:
+            w.write(n, tensors[n])
+    (sh,) = w.shards
+    assert str(e.value) == (f"{tmp_path / 'out' / '.model.safetensors.tmp'}: no space left on device "
+                            f"({sh.size - sh.ends[1]} bytes needed); free space and rerun the same command to resume")
+    w.close()
+    monkeypatch.setattr(ShardWriter, "_write_data", orig)
+    w = ShardWriter(tmp_path / "out", layout, 10**9, tmp_path / "j.jsonl")
+    for n, _, _ in layout:
+        if not w.done(n):
+            w.write(n, tensors[n])
+    w.finalize()
+    w.close()
+    _write_all(tmp_path / "ref", tmp_path / "r.jsonl", tensors, 10**9)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()

@@ -42,7 +42,7 @@ _FLIP = bytes(255 - i for i in range(256))
 class Faults:
     """What goes wrong, and how often. Counts are 'remaining occurrences'; 0 disables a fault.
 
-    Body faults (drop/truncate/corrupt/ignore_range) apply only to GET /resolve responses whose
+    Body faults (drop/truncate/corrupt/bitflip/ignore_range) apply only to GET /resolve responses whose
     file matches `body_glob` and whose body has at least 2 bytes.
     """
 
@@ -54,6 +54,7 @@ class Faults:
     ignore_range: int = 0  # answer a Range request with 200 and the whole file: wrong content
     bandwidth: float = 0.0  # bytes per second per response, 0 = unlimited
     body_glob: str = "*.safetensors"
+    bitflip: int = 0  # flip the lowest bit of the body's first byte: a valid-looking file with wrong bytes
 
     def update(self, **kw) -> None:
         names = {f.name for f in fields(self)}
@@ -471,7 +472,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = end - start
         mode = None
         if body_faults and length >= 2:
-            for f in ("drop", "truncate", "corrupt"):
+            for f in ("drop", "truncate", "corrupt", "bitflip"):
                 if self.hub.take(f):
                     mode = f
                     break
@@ -485,7 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        self._stream(p, start, send_len, corrupt=mode == "corrupt")
+        self._stream(p, start, send_len, corrupt=mode == "corrupt", bitflip=mode == "bitflip")
         if mode == "drop":
             self.wfile.flush()
             try:
@@ -494,7 +495,7 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             self.close_connection = True
 
-    def _stream(self, p: Path, start: int, length: int, *, corrupt: bool) -> None:
+    def _stream(self, p: Path, start: int, length: int, *, corrupt: bool, bitflip: bool = False) -> None:
         with self.hub.lock:
             bw = self.hub.faults.bandwidth
         t0 = time.perf_counter()
@@ -507,6 +508,8 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 if corrupt:
                     chunk = chunk.translate(_FLIP)
+                if bitflip and sent == 0:
+                    chunk = bytes([chunk[0] ^ 1]) + chunk[1:]
                 self.hub.add_bytes(len(chunk))  # before the write: see _send_json
                 try:
                     self.wfile.write(chunk)
@@ -532,12 +535,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--drop", type=int, default=0, help="drop N connections mid-body")
     ap.add_argument("--truncate", type=int, default=0)
     ap.add_argument("--corrupt", type=int, default=0)
+    ap.add_argument("--bitflip", type=int, default=0, help="flip one bit of N bodies")
     ap.add_argument("--ignore-range", type=int, default=0)
     ap.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s per response")
     a = ap.parse_args(argv)
     if not a.root.is_dir():
         ap.error(f"{a.root}: not a folder")
-    faults = Faults(a.latency, a.fail_every, a.drop, a.truncate, a.corrupt, a.ignore_range, a.bandwidth)
+    faults = Faults(a.latency, a.fail_every, a.drop, a.truncate, a.corrupt, a.ignore_range, a.bandwidth,
+                    bitflip=a.bitflip)
     srv = HubServer(a.root, host=a.host, port=a.port, token=a.token, faults=faults)
     print(srv.url, flush=True)
     try:

@@ -10,6 +10,14 @@ Each entry of each task vector is kept with probability `density` = 1 - p and re
   Differences from mergekit 0.1.5: it rescales each dropped tensor to keep its L1 norm rather than by
   1/density (the paper's rule, used here), and its dare_ties sums the agreeing entries unless
   `normalize: true`.
+Per-model parameters, as mergekit (merge_methods/generalized_task_arithmetic.py): `density` (each
+model dropped at its own rate; default the global density) and `weight` w_t (default 1), applied to
+the rescaled sparse U'_t before combining (w_t U'_t; with "ties" the disjoint mean divides by the sum
+of the agreeing weights). `normalize`: divide by sum_t w_t ("task_arithmetic") or by the agreeing
+weights ("ties"); default: false for "task_arithmetic" (the plain sum), true for "ties" (the TIES
+reference's disjoint mean; mergekit's dare_ties defaults to false: set `normalize: false` for it).
+The masks are keyed by task index, so a weight of 0 is not the same draw as leaving the model out.
+`scale` plays mergekit's `lambda` (accepted as an alias).
 Registered as `dare` and under mergekit's names `dare_linear` / `dare_ties` (combine preset).
 Give either `density` (mergekit style) or `p` (the paper's drop rate). Defaults: p = 0.9 (the
 paper's headline setting; its LLM merge scripts also use 0.2, so set it for your models), scale 1.0
@@ -28,7 +36,7 @@ import numpy as np
 import torch
 
 from bmmstream.errors import BmmError
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
 from bmmstream.methods.ties import elect_and_mean
 
 COMBINES = ("task_arithmetic", "ties")
@@ -49,27 +57,37 @@ def keep_mask(seed: int, name: str, task: int, shape: tuple[int, ...], density: 
 
 
 def dare_sparsify(
-    deltas: torch.Tensor, name: str, seed: int, density: float, rescale: bool = True
+    deltas: torch.Tensor, name: str, seed: int, density: float | list[float], rescale: bool = True
 ) -> torch.Tensor:
-    """Drop entries of each task vector at rate 1 - density and rescale the rest by 1/density."""
-    if density >= 1.0:
+    """Drop entries of each task vector at rate 1 - density and rescale the rest by 1/density
+    (`density` one number, or one per task)."""
+    t_count = deltas.shape[0]
+    dens = [float(density)] * t_count if isinstance(density, (int, float)) else [float(d) for d in density]
+    if all(d >= 1.0 for d in dens):
         return deltas
     out = torch.empty_like(deltas)
     shape = tuple(deltas.shape[1:])
-    for t in range(deltas.shape[0]):
-        mask = keep_mask(seed, name, t, shape, density).to(deltas.device)
+    for t in range(t_count):
+        if dens[t] >= 1.0:
+            out[t] = deltas[t]
+            continue
+        mask = keep_mask(seed, name, t, shape, dens[t]).to(deltas.device)
         kept = torch.where(mask, deltas[t], torch.zeros_like(deltas[t]))
-        out[t] = kept / density if rescale else kept
+        out[t] = kept / dens[t] if rescale else kept
     return out
 
 
 @register
 class Dare(MergeMethod):
     name = "dare"
-    defaults = {"density": None, "p": None, "combine": "task_arithmetic", "scale": 1.0, "rescale": True}
+    defaults = {
+        "density": None, "p": None, "combine": "task_arithmetic", "scale": 1.0, "rescale": True, "normalize": None,
+    }
+    aliases = {"lambda": "scale"}
+    tensor_parameters = {"weight": 1.0, "density": None}  # density: the global one
 
-    def __init__(self, params: dict | None = None, *, seed: int = 0):
-        super().__init__(params, seed=seed)
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
         dens, p = self.params["density"], self.params["p"]
         if dens is not None and p is not None and abs(float(dens) + float(p) - 1.0) > 1e-12:
             raise BmmError(f"merge method 'dare': density {dens} and p {p} disagree (density = 1 - p)")
@@ -84,14 +102,21 @@ class Dare(MergeMethod):
             )
         self.density = dens
         self.params["density"], self.params["p"] = dens, 1.0 - dens
+        if self.params["normalize"] is None:
+            self.params["normalize"] = self.params["combine"] == "ties"
+        self.scale, self.normalize = self.finite("scale"), self.flag("normalize")
+        self.flag("rescale")
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
-        sparse = dare_sparsify(inp.deltas, inp.spec.name, self.seed, self.density, bool(self.params["rescale"]))
+        count = int(inp.deltas.shape[0])
+        dens = self.model_values("density", self.density, count) or self.density
+        sparse = dare_sparsify(inp.deltas, inp.spec.name, self.seed, dens, bool(self.params["rescale"]))
+        weights = self.model_weights(inp)
         if self.params["combine"] == "ties":
-            merged = elect_and_mean(sparse)
+            merged = elect_and_mean(sparse, "majority", weights, self.normalize)
         else:
-            merged = sparse.sum(0)
-        return float(self.params["scale"]) * merged
+            merged = weighted_combination(sparse, weights, self.normalize)
+        return self.scale * merged
 
 
 @register

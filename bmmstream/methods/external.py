@@ -19,8 +19,8 @@ class External(MergeMethod):
     name = "external"
     defaults = {"path": None}
 
-    def __init__(self, params: dict | None = None, *, seed: int = 0):
-        super().__init__(params, seed=seed)
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
         if not self.params["path"]:
             raise BmmError("merge method 'external': parameter 'path' (the merged checkpoint) is required")
         self._source = None
@@ -41,12 +41,16 @@ class External(MergeMethod):
         if name not in self._infos:
             raise BmmError(f"{path}: external checkpoint has no tensor '{name}'")
         shape = tuple(self._infos[name].shape)
+        if inp.spec.transposed:  # stored (d_in, d_out) like the base; methods see (d_out, d_in)
+            shape = tuple(reversed(shape))
         if shape != tuple(inp.base.shape):
             raise BmmError(
                 f"{path}: tensor '{name}' has shape {list(shape)}, the base model has {list(inp.base.shape)}"
             )
         w = src.get(name).to(device=inp.base.device, dtype=inp.base.dtype)
         src.release([name])
+        if inp.spec.transposed:
+            w = w.T
         return w - inp.base
 
     def close(self) -> None:

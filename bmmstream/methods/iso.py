@@ -2,19 +2,19 @@
 Common and Task-Specific Subspaces"; reference code github.com/danielm1405/iso-merging, `iso_c`,
 `iso_cts`).
 
-iso_c: M = sum_t U_t = P S Q^T; U = alpha * mean(S) * P Q^T (a flat spectrum on the span of M).
+iso_c: M = sum_t U_t = P S Q^T; U = scale * mean(S) * P Q^T (a flat spectrum on the span of M).
 iso_cts (parameter f = common_space_fraction, default 0.8 as the reference): with r = min(m, n),
   common = int(r * f), per_task = min(r // T, round((r - common) / T)), common = r - T * per_task
   (the reference's rounding, which makes the task-specific total a multiple of T);
   the top `common` singular triplets of M, plus for each task the top `per_task` singular triplets of
   its residual U_t - P_c P_c^T U_t outside the common column space; the stacked left and right
   vectors are replaced by their polar factors and every singular value by the mean of the stacked
-  singular values: U = alpha * mean(S_all) * U_perp V_perp. With f = 1 this is iso_c.
+  singular values: U = scale * mean(S_all) * U_perp V_perp. With f = 1 this is iso_c.
 
 Non-2-D tensors ("vector") and embeddings/lm_head ("embedding"): the mean of the task vectors, times
-alpha (the reference averages non-2-D tensors; its LLM ports keep embed_tokens/lm_head out of the SVD).
-alpha: the reference tunes it on validation data per model and task count (no universal value);
-the default here is 1.0, i.e. untuned: set `alpha` for your suite.
+scale (the reference averages non-2-D tensors; its LLM ports keep embed_tokens/lm_head out of the SVD).
+scale (the reference's `alpha`, accepted as an alias): the reference tunes it on validation data per
+model and task count (no universal value); the default here is 1.0, i.e. untuned: set it for your suite.
 
 SVDs run on the tensors' device, batched over equal-shape tensors of a streaming unit.
 """
@@ -28,7 +28,7 @@ from bmmstream.methods.tsv import merge_batched, polar, svd, svd_dtype
 
 
 def iso_c_merge(deltas: torch.Tensor) -> torch.Tensor:
-    """Iso-C of stacked task vectors [..., T, m, n] -> [..., m, n] (alpha = 1)."""
+    """Iso-C of stacked task vectors [..., T, m, n] -> [..., m, n] (scale 1)."""
     x = svd_dtype(deltas)
     u, s, vh = svd(x.sum(-3))
     return ((u * s.mean(-1, keepdim=True).unsqueeze(-1)) @ vh).to(deltas.dtype)
@@ -42,7 +42,7 @@ def iso_cts_sizes(r: int, t_count: int, f: float) -> tuple[int, int]:
 
 
 def iso_cts_merge(deltas: torch.Tensor, f: float) -> torch.Tensor:
-    """Iso-CTS of stacked task vectors [..., T, m, n] -> [..., m, n] (alpha = 1)."""
+    """Iso-CTS of stacked task vectors [..., T, m, n] -> [..., m, n] (scale 1)."""
     x = svd_dtype(deltas)
     t_count, m, n = x.shape[-3:]
     lead = x.shape[:-3]
@@ -62,8 +62,14 @@ def iso_cts_merge(deltas: torch.Tensor, f: float) -> torch.Tensor:
 
 
 class _IsoBase(MergeMethod):
+    aliases = {"alpha": "scale"}
+
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
+        self.finite("scale")
+
     def _other(self, inp: ModuleInput) -> torch.Tensor:
-        return float(self.params["alpha"]) * inp.deltas.mean(0)
+        return float(self.params["scale"]) * inp.deltas.mean(0)
 
     def _merge_2d(self, deltas: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -72,14 +78,14 @@ class _IsoBase(MergeMethod):
         return self.merge_unit([inp])[inp.spec.name]
 
     def merge_unit(self, inputs: list[ModuleInput]) -> dict[str, torch.Tensor]:
-        alpha = float(self.params["alpha"])
-        return merge_batched(inputs, lambda d: alpha * self._merge_2d(d), self._other)
+        scale = float(self.params["scale"])
+        return merge_batched(inputs, lambda d: scale * self._merge_2d(d), self._other)
 
 
 @register
 class IsoC(_IsoBase):
     name = "iso_c"
-    defaults = {"alpha": 1.0}
+    defaults = {"scale": 1.0}
 
     def _merge_2d(self, deltas: torch.Tensor) -> torch.Tensor:
         return iso_c_merge(deltas)
@@ -88,10 +94,10 @@ class IsoC(_IsoBase):
 @register
 class IsoCTS(_IsoBase):
     name = "iso_cts"
-    defaults = {"alpha": 1.0, "common_space_fraction": 0.8}
+    defaults = {"scale": 1.0, "common_space_fraction": 0.8}
 
-    def __init__(self, params: dict | None = None, *, seed: int = 0):
-        super().__init__(params, seed=seed)
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
         f = float(self.params["common_space_fraction"])
         if not 0.0 <= f <= 1.0:
             raise BmmError(f"merge method 'iso_cts': common_space_fraction must be in [0, 1], got {f}")

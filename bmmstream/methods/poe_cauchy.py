@@ -101,8 +101,8 @@ class PoECauchy(MergeMethod):
     name = "poe_cauchy"
     defaults = {"eps": 1e-3, "ridge": 1e-6, "tol": 1e-4, "max_iter": 50}
 
-    def __init__(self, params: dict | None = None, *, seed: int = 0):
-        super().__init__(params, seed=seed)
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
         p = self.params
         if not (float(p["eps"]) > 0 and float(p["ridge"]) > 0 and float(p["tol"]) > 0 and int(p["max_iter"]) >= 0):
             raise BmmError(f"merge method 'poe_cauchy': eps, ridge, tol must be > 0 and max_iter >= 0, got {p}")

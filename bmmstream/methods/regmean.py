@@ -13,15 +13,17 @@ factorisation fails (a singular sum, e.g. an input dimension never active), a di
 `1e-8 * mean(diag)` is added and raised tenfold until it succeeds, and the module is recorded in
 `describe()["damped"]`.
 
-`alpha` (a): shrinkage of the off-diagonal Gram entries toward the diagonal (the reference's
-`reduce_non_diag`: off-diagonal entries times a, diagonal kept). Default 0.9, our choice. The reference
+`reduce_non_diagonal_ratio` (a; FusionBench's and MergeLM's name, also accepted as `reduce_nondiag`,
+the reference's `regmean_reduce_nondiag`, and as `alpha`, this package's former name): shrinkage of the
+off-diagonal Gram entries toward the diagonal (off-diagonal entries times a, diagonal kept). It is not
+a final multiplier (that is `scale` elsewhere); RegMean has none. Default 0.9, our choice. The reference
 code (bloomberg/dataless-model-merging, src/configs/defaults.yaml) ships `regmean_reduce_nondiag: -1`,
 i.e. no shrinkage (a = 1); the paper shrinks toward the diagonal because the plain solution can stray far
 from the individual models and the unshrunk sum is often ill conditioned (few tokens, d_in large).
 0.9 is a mild shrinkage that keeps the sum positive definite whenever every diagonal entry is positive
 (it is also the default of `--regmean_reduce_nondiag` in a derived implementation we read). Set
-`alpha: 1.0` to get exactly the reference code's default; `alpha: 0` is the per-input-dimension
-weighted average.
+`reduce_non_diagonal_ratio: 1.0` to get exactly the reference code's default; 0 is the
+per-input-dimension weighted average.
 
 Tensors without Grams (biases and norms, embeddings and lm_head, heads after the layer stack) follow
 the reference rule: the simple average of the experts, i.e. U = mean_t U_t.
@@ -64,14 +66,16 @@ def regmean_task_vector(deltas: torch.Tensor, grams: torch.Tensor, alpha: float)
 @register
 class RegMean(MergeMethod):
     name = "regmean"
-    defaults = {"alpha": 0.9}
+    defaults = {"reduce_non_diagonal_ratio": 0.9}
+    aliases = {"alpha": "reduce_non_diagonal_ratio", "reduce_nondiag": "reduce_non_diagonal_ratio"}
     needs_grams = True  # the pipeline runs the calibration stage first
 
-    def __init__(self, params: dict | None = None, *, seed: int = 0):
-        super().__init__(params, seed=seed)
-        a = self.params["alpha"]
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
+        key = "reduce_non_diagonal_ratio"
+        a = self.params[key]
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
-            raise BmmError(f"merge method 'regmean': alpha must be a number in [0, 1], got {a!r}")
+            raise BmmError(f"merge method 'regmean': {self.given(key)} must be a number in [0, 1], got {a!r}")
         self.damped: dict[str, float] = {}
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
@@ -84,7 +88,8 @@ class RegMean(MergeMethod):
                 f"{name}: input Grams have shape {tuple(inp.grams.shape)}, expected {(t, d_in, d_in)}"
             )
         work = torch.promote_types(inp.deltas.dtype, torch.float32)
-        u, damping = regmean_task_vector(inp.deltas.to(work), inp.grams.to(work), float(self.params["alpha"]))
+        ratio = float(self.params["reduce_non_diagonal_ratio"])
+        u, damping = regmean_task_vector(inp.deltas.to(work), inp.grams.to(work), ratio)
         if damping:
             self.damped[name] = damping
         return u.to(inp.base.dtype)

@@ -1,20 +1,30 @@
 """Task arithmetic (Ilharco et al., 2023, "Editing models with task arithmetic").
 
-U = scale * sum_t U_t, applied to every tensor (2-D, embeddings and vectors alike), as in the
+U = scale * sum_t w_t U_t, applied to every tensor (2-D, embeddings and vectors alike), as in the
 reference code and mergekit. Default scale 0.3 (the paper's usual choice on its ViT suite; mergekit
-has no default and users always set it).
+has no default and users always set it). `scale` plays mergekit's `lambda` (accepted as an alias).
+
+Per-model `weight` w_t (default 1) and global `normalize` (default false) follow mergekit's
+`task_arithmetic` (merge_methods/generalized_task_arithmetic.py): with normalize the weighted sum is
+divided by sum_t w_t (by 1 where |sum_t w_t| < 1e-8). A weight of 0 gives the merge without that model.
 """
 from __future__ import annotations
 
 import torch
 
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
 
 
 @register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
-    defaults = {"scale": 0.3}
+    defaults = {"scale": 0.3, "normalize": False}
+    aliases = {"lambda": "scale"}
+    tensor_parameters = {"weight": 1.0}
+
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
+        self.scale, self.normalize = self.finite("scale"), self.flag("normalize")
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
-        return float(self.params["scale"]) * inp.deltas.sum(0)
+        return self.scale * weighted_combination(inp.deltas, self.model_weights(inp), self.normalize)

@@ -17,6 +17,14 @@ Threshold (`threshold`):
   per task, the largest by magnitude (the argsort rule of mergekit 0.1.5's `magnitude` sparsification).
 Every tensor kind (2-D, embeddings, vectors) is merged by the same rule, as in the reference and mergekit.
 
+Per-model parameters, as mergekit's `ties` (merge_methods/generalized_task_arithmetic.py): `density`
+(each model trimmed to its own fraction; default the global `density`) and `weight` w_t (default 1).
+With weights the election and the mean run on w_t * trimmed U_t: sign of sum_t w_t U_t, then
+sum of the agreeing w_t U_t divided by the sum of the agreeing w_t (by 1 where none agrees); without
+weights this is exactly the unweighted disjoint mean. `normalize: false` (mergekit allows it) skips
+that division. A weight of 0 gives the merge without that model (its thresholds are per task).
+`scale` plays mergekit's `lambda` (accepted as an alias).
+
 Sign election: sign of the sum of the trimmed values. Where that sum is exactly 0 (exact
 cancellations, common when bf16 checkpoints put deltas on a coarse grid): with threshold "global"
 the reference's rule, the majority sign, taken over the tensor rather than the whole model (+1 if
@@ -35,11 +43,20 @@ from bmmstream.methods.registry import MergeMethod, ModuleInput, register
 THRESHOLDS = ("global", "per_tensor")
 
 
-def elect_and_mean(trimmed: torch.Tensor, zero_sign: str = "majority") -> torch.Tensor:
+def elect_and_mean(
+    trimmed: torch.Tensor,
+    zero_sign: str = "majority",
+    weights: torch.Tensor | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
     """Sign election by mass and disjoint mean over the task axis 0 of trimmed task vectors.
 
     Where the mass is exactly 0: "majority" takes the majority of the elected signs over the tensor
-    (the reference's rule, over the tensor instead of the model), "positive" takes +1 (mergekit)."""
+    (the reference's rule, over the tensor instead of the model), "positive" takes +1 (mergekit).
+    `weights` [T] (mergekit's per-model weight): the election and the mean run on w_t * trimmed_t
+    and the divisor is the sum of the agreeing weights; `normalize` False: no division."""
+    if weights is not None:
+        trimmed = trimmed * weights.reshape((-1,) + (1,) * (trimmed.dim() - 1))
     sign = torch.sign(trimmed.sum(0))
     zero = sign == 0
     if zero_sign == "positive":
@@ -49,19 +66,30 @@ def elect_and_mean(trimmed: torch.Tensor, zero_sign: str = "majority") -> torch.
         sign = torch.where(zero, majority if majority != 0 else torch.ones_like(majority), sign)
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
     selected = torch.where(agree, trimmed, torch.zeros_like(trimmed))
-    count = agree.sum(0).clamp(min=1).to(trimmed.dtype)
-    return selected.sum(0) / count
+    if not normalize:
+        return selected.sum(0)
+    if weights is None:
+        count = agree.sum(0).clamp(min=1).to(trimmed.dtype)
+        return selected.sum(0) / count
+    w = weights.reshape((-1,) + (1,) * (trimmed.dim() - 1))
+    divisor = torch.where(agree, w, torch.zeros_like(w)).sum(0)
+    return selected.sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
-def topk_mask_per_tensor(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """mergekit's magnitude sparsification: per task keep the max(1, int(density * numel)) largest |U|."""
-    if density >= 1.0:
-        return torch.ones_like(deltas, dtype=torch.bool)
+def topk_mask_per_tensor(deltas: torch.Tensor, density: float | list[float]) -> torch.Tensor:
+    """mergekit's magnitude sparsification: per task keep the max(1, int(density * numel)) largest |U|
+    (`density` one number, or one per task)."""
     t_count = deltas.shape[0]
+    dens = [float(density)] * t_count if isinstance(density, (int, float)) else [float(d) for d in density]
+    if all(d >= 1.0 for d in dens):
+        return torch.ones_like(deltas, dtype=torch.bool)
     flat = deltas.reshape(t_count, -1)
-    k = max(1, int(density * flat.shape[1])) if flat.shape[1] else 0
     mask = torch.zeros_like(flat, dtype=torch.bool)
     for t in range(t_count):
+        if dens[t] >= 1.0:
+            mask[t] = True
+            continue
+        k = max(1, int(dens[t] * flat.shape[1])) if flat.shape[1] else 0
         order = torch.argsort(flat[t].abs().float(), descending=True)[:k]
         mask[t, order] = True
     return mask.reshape(deltas.shape)
@@ -83,10 +111,12 @@ def trim_by_threshold(deltas: torch.Tensor, thresholds: list[float]) -> torch.Te
 @register
 class Ties(MergeMethod):
     name = "ties"
-    defaults = {"density": 0.2, "scale": 1.0, "threshold": "global"}
+    defaults = {"density": 0.2, "scale": 1.0, "threshold": "global", "normalize": True}
+    aliases = {"lambda": "scale"}
+    tensor_parameters = {"weight": 1.0, "density": None}  # density: the global one
 
-    def __init__(self, params: dict | None = None, *, seed: int = 0):
-        super().__init__(params, seed=seed)
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
         d = float(self.params["density"])
         if not 0.0 < d <= 1.0:
             raise BmmError(f"merge method 'ties': density must be in (0, 1], got {d}")
@@ -95,10 +125,16 @@ class Ties(MergeMethod):
                 f"merge method 'ties': threshold must be one of {list(THRESHOLDS)}, "
                 f"got {self.params['threshold']!r}"
             )
+        self.scale, self.normalize = self.finite("scale"), self.flag("normalize")
         self.needs_prepass = self.params["threshold"] == "global"
         self._counts: np.ndarray | None = None
         self._numel = 0
         self._thresholds: list[float] | None = None
+
+    def densities(self, count: int) -> list[float]:
+        """Per-task density: each model's own `density`, else the global one."""
+        d = float(self.params["density"])
+        return self.model_values("density", d, count) or [d] * count
 
     # -- pass 1: per-task magnitude histograms over the whole model ------------------------
     def prepass_observe(self, inp: ModuleInput) -> None:
@@ -113,19 +149,26 @@ class Ties(MergeMethod):
         self._thresholds = None
 
     def prepass_state(self) -> dict:
+        taus = self.thresholds()
         return {
-            "thresholds": self.thresholds(),
+            "thresholds": taus,
             "numel": self._numel,
             "density": float(self.params["density"]),
+            "densities": self.densities(len(taus)),
             "relative_error_bound": kernels.REL_ERROR,
             "kinds": "all",
         }
 
     def load_prepass_state(self, state: dict) -> None:
-        if float(state.get("density", -1)) != float(self.params["density"]):
+        count = len(state["thresholds"])
+        stored = [float(x) for x in state.get("densities", [state.get("density", -1)] * count)]
+        wanted = self.densities(count)
+        if stored != wanted:
+            def show(d: list[float]) -> str:
+                return str(d[0]) if len(set(d)) == 1 else str(d)
+
             raise BmmError(
-                f"ties prepass state was computed for density {state.get('density')}, "
-                f"config says {self.params['density']}"
+                f"ties prepass state was computed for density {show(stored)}, config says {show(wanted)}"
             )
         self._thresholds = [float(x) for x in state["thresholds"]]
         self._numel = int(state["numel"])
@@ -134,8 +177,11 @@ class Ties(MergeMethod):
         if self._thresholds is None:
             if self._counts is None:
                 raise BmmError("ties (threshold: global): no tensor was seen by the prepass")
-            k = global_keep_index(self._numel, float(self.params["density"]))
-            self._thresholds = [kernels.kth_smallest_from_histogram(c, k) for c in self._counts]
+            dens = self.densities(len(self._counts))
+            self._thresholds = [
+                kernels.kth_smallest_from_histogram(c, global_keep_index(self._numel, d))
+                for c, d in zip(self._counts, dens)
+            ]
             self._counts = None  # 8 MiB per task, no longer needed
         return self._thresholds
 
@@ -143,7 +189,7 @@ class Ties(MergeMethod):
     def trim(self, inp: ModuleInput) -> torch.Tensor:
         deltas = inp.deltas
         if self.params["threshold"] == "per_tensor":
-            mask = topk_mask_per_tensor(deltas, float(self.params["density"]))
+            mask = topk_mask_per_tensor(deltas, self.densities(deltas.shape[0]))
             return torch.where(mask, deltas, torch.zeros_like(deltas))
         taus = self.thresholds()
         if len(taus) != deltas.shape[0]:
@@ -152,4 +198,5 @@ class Ties(MergeMethod):
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         zero_sign = "positive" if self.params["threshold"] == "per_tensor" else "majority"
-        return float(self.params["scale"]) * elect_and_mean(self.trim(inp), zero_sign)
+        merged = elect_and_mean(self.trim(inp), zero_sign, self.model_weights(inp), self.normalize)
+        return self.scale * merged

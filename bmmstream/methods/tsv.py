@@ -5,14 +5,14 @@ Model Merging"; reference code github.com/AntoAndGar/task_singular_vectors,
 For a 2-D weight (m x n, r = min(m, n)) and T tasks: keep each task's top k = floor(r / T) singular
 triplets, concatenate them (U_cat: m x Tk, S_cat, V_cat: Tk x n), replace U_cat and V_cat by their
 polar factors (the nearest matrices with orthonormal columns/rows: P Q^T from the SVD P S Q^T), and
-return alpha * U_perp diag(S_cat) V_perp. The reference computes k as int(r * (1/T)); floor(r / T)
+return scale * U_perp diag(S_cat) V_perp. The reference computes k as int(r * (1/T)); floor(r / T)
 is the same number without float rounding. k = 0 (T > r) gives a zero update, as in the reference.
 
 Non-2-D tensors (kind "vector"): the mean of the task vectors, as the reference. Embeddings and
 lm_head (kind "embedding"): the mean as well: the reference (ViT) has no vocab-sized tables and the
 LLM ports of these SVD methods leave embed_tokens/lm_head out of the decomposition.
-Default alpha 1.0 (the paper's setting: TSV-M needs no scaling search). alpha multiplies every
-tensor's update, as the reference's scaling coefficient does.
+Default scale 1.0 (the paper's setting: TSV-M needs no scaling search). scale multiplies every
+tensor's update, as the reference's scaling coefficient (its `alpha`, accepted as an alias) does.
 
 SVDs run on the tensors' device (GPU when the pipeline computes there) in float32 or float64, batched
 over tensors of equal shape within a streaming unit.
@@ -61,7 +61,7 @@ def polar(x: torch.Tensor) -> torch.Tensor:
 
 
 def tsv_merge(deltas: torch.Tensor) -> torch.Tensor:
-    """TSV-Merge of stacked task vectors [..., T, m, n] -> [..., m, n] (alpha = 1)."""
+    """TSV-Merge of stacked task vectors [..., T, m, n] -> [..., m, n] (scale 1)."""
     dt = deltas.dtype
     x = svd_dtype(deltas)
     t_count, m, n = x.shape[-3:]
@@ -108,14 +108,19 @@ def merge_batched(
 @register
 class TSV(MergeMethod):
     name = "tsv"
-    defaults = {"alpha": 1.0}
+    defaults = {"scale": 1.0}
+    aliases = {"alpha": "scale"}
+
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
+        self.finite("scale")
 
     def _other(self, inp: ModuleInput) -> torch.Tensor:
-        return float(self.params["alpha"]) * inp.deltas.mean(0)
+        return float(self.params["scale"]) * inp.deltas.mean(0)
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         return self.merge_unit([inp])[inp.spec.name]
 
     def merge_unit(self, inputs: list[ModuleInput]) -> dict[str, torch.Tensor]:
-        alpha = float(self.params["alpha"])
-        return merge_batched(inputs, lambda d: alpha * tsv_merge(d), self._other)
+        scale = float(self.params["scale"])
+        return merge_batched(inputs, lambda d: scale * tsv_merge(d), self._other)

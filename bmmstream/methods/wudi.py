@@ -11,10 +11,12 @@ through d_in x d_in Grams computed once: with A_t = U_t^T U_t / ||U_t||^2,
     A = sum_t A_t (d_in x d_in),  B = sum_t U_t A_t (d_out x d_in),
 so a step costs one (d_out x d_in) @ (d_in x d_in) product. Optimisation runs in float32 at least.
 
-Non-2-D tensors ("vector"): sum_t U_t, as the reference (its merged vector starts at the sum and only
-2-D tensors are optimised). Embeddings/lm_head ("embedding"): also the sum: their layout is
-(vocab, hidden), the transpose of a linear map on one-hot inputs, so WUDI's premise (rows of U_t span
-the layer's inputs) does not hold; the LLM ports exclude them. A task vector that is exactly zero
+Non-2-D tensors ("vector"): the mean of the task vectors, merged = W_pre + (1/T) sum_t U_t, as
+FusionBench's `wudi_merging` (tanganke/fusion_bench, fusion_bench/method/wudi/wudi.py at commit e41de5a, lines 55-56: every tensor it does not
+optimise is divided by the number of task vectors after starting from their sum). Embeddings/lm_head
+("embedding"): not optimised either, so also the mean (FusionBench's rule for excluded keys): their
+layout is (vocab, hidden), the transpose of a linear map on one-hot inputs, so WUDI's premise (rows of
+U_t span the layer's inputs) does not hold; the LLM ports exclude them. A task vector that is exactly zero
 carries no information and is left out of L (the reference would divide by zero).
 No scaling coefficient: WUDI is designed to need none.
 """
@@ -73,8 +75,8 @@ class Wudi(MergeMethod):
     name = "wudi"
     defaults = {"lr": 1e-5, "steps": 300}
 
-    def __init__(self, params: dict | None = None, *, seed: int = 0):
-        super().__init__(params, seed=seed)
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
         if int(self.params["steps"]) < 0 or float(self.params["lr"]) <= 0:
             raise BmmError(f"merge method 'wudi': need steps >= 0 and lr > 0, got {self.params}")
 
@@ -83,4 +85,4 @@ class Wudi(MergeMethod):
 
     def merge_unit(self, inputs: list[ModuleInput]) -> dict[str, torch.Tensor]:
         lr, steps = float(self.params["lr"]), int(self.params["steps"])
-        return merge_batched(inputs, lambda d: wudi_merge(d, lr, steps), lambda inp: inp.deltas.sum(0))
+        return merge_batched(inputs, lambda d: wudi_merge(d, lr, steps), lambda inp: inp.deltas.mean(0))

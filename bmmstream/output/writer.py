@@ -16,6 +16,7 @@ A torn last line (crash during the append) is ignored and cut off.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,20 @@ from bmmstream.sources.base import ST_TO_TORCH, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 LayoutEntry = tuple[str, tuple[int, ...], str]
+
+
+# -- errors from the filesystem -----------------------------------------------------------------
+def disk_error(e: OSError, path: Path | str | None = None, needed: int | None = None) -> BmmError:
+    """One line for a failed write: which path, why, and on a full disk how many bytes were needed.
+    Everything written before is kept, so rerunning the same command resumes."""
+    where = path if path is not None else (e.filename or "filesystem")
+    if e.errno == errno.ENOSPC:
+        need = f" ({needed} bytes needed)" if needed is not None else ""
+        return BmmError(f"{where}: no space left on device{need}; free space and rerun the same command to resume")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+        return BmmError(f"{where}: {why}; choose a writable --out / --run-dir")
+    return BmmError(f"{where}: {e.strerror or e}")
 
 
 # -- atomic file helpers ------------------------------------------------------------------------
@@ -328,22 +343,30 @@ class ShardWriter:
             raise ValueError(f"write('{name}'): shape {tuple(tensor.shape)}, layout says {shape}")
         sh, k = self._shard_of[name]
         tmp = self.out_dir / f".{sh.filename}.tmp"
-        if k == 0:
-            if self._file is not None:
-                self._file.close()
-            self._file = open(tmp, "wb")
-            self._file.write(sh.header)
         data = tensor_bytes(tensor, dtype)
-        self._file.write(data)
+        try:
+            if k == 0:
+                if self._file is not None:
+                    self._file.close()
+                self._file = open(tmp, "wb")
+                self._file.write(sh.header)
+            self._write_data(data)
+        except OSError as e:
+            left = sh.size - (sh.ends[k - 1] if k else 0) + sum(s.size for s in self.shards[sh.index + 1 :])
+            raise disk_error(e, tmp, left) from None
         del data
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._append({"tensor": name, "shard": sh.index, "end": sh.ends[k]})
         self._next += 1
         if k == len(sh.names) - 1:
             self._file.close()
             self._file = None
             self._complete_shard(sh, tmp)
+
+    def _write_data(self, data: memoryview) -> None:
+        """Append a tensor's bytes to the open shard and make them durable (a test seam for a full disk)."""
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def finalize(self) -> list[Path]:
         """Write the index (when sharded) last; return the shard paths."""

@@ -52,6 +52,7 @@ def estimate_report(
     *,
     experts: int,
     compute_bytes: int,
+    statistics_bytes: int,
     method: str,
     method_description: dict,
     statistics: str,
@@ -66,13 +67,13 @@ def estimate_report(
     `calibration_tokens` holds each expert's calibration token budget (samples x max_len) when the
     method needs data-assisted Grams, else None."""
     T = experts
-    cb = compute_bytes
+    cb, sb = compute_bytes, statistics_bytes
     by_name = plan.by_name()
     peak_ram = stats_peak = stats_total = flops = 0.0
     for names in plan.units:
         params = sum(infos[n].numel for n in names)
         stats = sum(
-            (by_name[n].shape[1] ** 2 + by_name[n].shape[0] * by_name[n].shape[1]) * cb
+            (by_name[n].matrix_shape[1] ** 2 + by_name[n].matrix_shape[0] * by_name[n].matrix_shape[1]) * sb
             for n in names
             if by_name[n].kind == "linear"
         ) if method == "bmm" else 0
@@ -80,7 +81,7 @@ def estimate_report(
         stats_peak = max(stats_peak, stats)
         stats_total += stats
         flops += sum(
-            module_flops(*by_name[n].shape, T, method, statistics) for n in names if by_name[n].kind == "linear"
+            module_flops(*by_name[n].matrix_shape, T, method, statistics) for n in names if by_name[n].kind == "linear"
         )
     in_bytes = sum(i.nbytes for i in infos.values())
     passes = 2 if needs_prepass else 1
@@ -88,7 +89,7 @@ def estimate_report(
     calib_flops = 0.0
     if calibration_tokens is not None:
         layer_params = sum(infos[m.name].numel for m in plan.modules if m.layer is not None)
-        sites = {(m.layer, m.group): m.shape[1] for m in plan.modules if m.layer is not None and m.kind == "linear"}
+        sites = {(m.layer, m.group): m.matrix_shape[1] for m in plan.modules if m.layer is not None and m.kind == "linear"}
         for tokens in calibration_tokens:
             calib_flops += calibration_flops(layer_params, list(sites.values()), tokens)
         read_bytes += T * in_bytes
@@ -119,4 +120,88 @@ def estimate_report(
             "assumed_read_bytes_per_s": READ_BANDWIDTH,
             "seconds": (flops + calib_flops) / fps + read_bytes / READ_BANDWIDTH,
         },
+    }
+
+
+# -- `bmm search` (issue 12): out-of-core search memory, statistics store and time per trial -------
+RUNTIME_BYTES = 560 * 2**20  # python + torch + transformers + zarr + nevergrad after imports (bench/search_memory.py)
+FACTOR_READ_BANDWIDTH = 1.5e9  # bytes/s reading factors back from the Zarr store (page cache; measured, hidden 512)
+MEMORY_BANDWIDTH = 4e9  # bytes/s of elementwise passes on the compute device (assumed; 2 shared CPU cores)
+
+
+def search_estimate(
+    plan: Plan,
+    infos: dict[str, TensorInfo],
+    *,
+    experts: int,
+    compute_bytes: int,
+    statistics_bytes: int,
+    factor_bytes: int,
+    keep_base: bool,
+    device: torch.device,
+    flops_per_s: float,
+    rank_fraction: float = 1.0,
+    hybrid: bool = False,
+    proxy_flops: float = 0.0,
+) -> dict:
+    """Estimates for the out-of-core search (search/run.py): what the statistics store holds on disk
+    (G and C, plus every module's factors e, Q_k, A_k, U0), the peak host and device memory (one
+    resident model + the larger of the statistics pass's unit working set and a trial's two units of
+    factors), and the seconds per trial (factor reads + one matmul per module + the elementwise
+    assembly + the proxy evaluation, counted without overlap). `rank_fraction` is k / d_in (1: exact
+    factors; an energy target only lowers k, so 1 is an upper bound)."""
+    T, cb, sb, fb = experts, compute_bytes, statistics_bytes, factor_bytes
+    by_name = plan.by_name()
+    model_bytes = sum(i.numel for i in infos.values()) * cb
+    base_bytes = stats_disk = factor_disk = 0
+    resolve_flops = assemble_bytes = 0.0
+    unit_factors, stats_ws = [], 0
+    for names in plan.units:
+        lin = [by_name[n] for n in names if by_name[n].kind == "linear"]
+        params = sum(infos[n].numel for n in names)
+        held = 0
+        big = 0
+        for m in lin:
+            d_out, d_in = m.matrix_shape[0], m.matrix_shape[-1]
+            k = max(1, min(d_in, int(round(rank_fraction * d_in))))
+            base_bytes += d_out * d_in * cb
+            stats_disk += (d_in * d_in + d_out * d_in) * sb
+            if hybrid:
+                fdisk = 2 * (d_in * d_in + d_out * d_in) * sb + d_out * d_in * cb
+                fmem = fdisk
+                resolve_flops += d_in**3 / 3.0 + 2.0 * d_in * d_in * d_out
+            else:
+                fdisk = 8 * (k + 1) + (d_in * k + d_out * k) * fb + d_out * d_in * cb
+                fmem = 8 * (k + 1) + (d_in * k + d_out * k + d_out * d_in) * cb
+                resolve_flops += 2.0 * d_out * k * d_in
+            factor_disk += fdisk
+            held += fmem
+            assemble_bytes += 5.0 * d_out * d_in * cb  # A diag(inv), U0 +, s U, W_pre +, copy into the model
+            # factoring one module: G, C, U0 in the statistics dtype, Q, A and their products
+            big = max(big, (3 * d_in * d_in + 4 * d_out * d_in) * sb)
+        stats_ws = max(stats_ws, (T + 3) * params * cb + big)
+        if lin:
+            unit_factors.append((held, sum(infos[m.name].numel for m in lin) * cb,
+                                 max(m.matrix_shape[0] * m.matrix_shape[-1] for m in lin) * cb))
+    trial_ws = 0
+    for i, (held, unit_base, big) in enumerate(unit_factors):
+        nxt = unit_factors[i + 1][0] if i + 1 < len(unit_factors) else 0
+        trial_ws = max(trial_ws, held + nxt + (0 if keep_base else 2 * unit_base) + 3 * big)
+    resident = model_bytes + (base_bytes if keep_base else 0)
+    working = max(stats_ws, trial_ws)
+    on_device = device.type != "cpu"
+    stream = factor_disk / FACTOR_READ_BANDWIDTH + (0 if keep_base else base_bytes / READ_BANDWIDTH)
+    seconds = {"stream": stream, "resolve": resolve_flops / flops_per_s, "assemble": assemble_bytes / MEMORY_BANDWIDTH,
+               "score": proxy_flops / flops_per_s}
+    return {
+        "keep_base": keep_base,
+        "stats_disk_bytes": int(stats_disk + factor_disk),
+        "factor_disk_bytes": int(factor_disk),
+        "model_bytes": int(model_bytes),
+        "peak_host_bytes": int(RUNTIME_BYTES + (0 if on_device else resident + working)),
+        "peak_device_bytes": int(resident + working) if on_device else None,
+        "trial_seconds": seconds,
+        "trial_seconds_total": float(sum(seconds.values())),
+        "assumed": {"runtime_bytes": RUNTIME_BYTES, "factor_read_bytes_per_s": FACTOR_READ_BANDWIDTH,
+                    "memory_bytes_per_s": MEMORY_BANDWIDTH, "flops_per_s": flops_per_s},
     }

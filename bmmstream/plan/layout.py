@@ -1,47 +1,38 @@
-"""Which tensor is which: layer, module group and kind, per architecture family, plus blocks.
+"""Which tensor is which: layer, module group, kind and storage layout, per architecture family,
+plus blocks.
+
+The families are data: one small table per family in bmmstream/plan/architectures/ (regexes on
+tensor names -> group, kind, layout flags). A model_type without a table is planned "generic": its
+layers are found by the usual names and every linear goes to group "other" (a logged warning says
+how many), so BMM still merges it with the config's rho, and `bmm search` refuses to search rho
+dimensions that would reach no module.
 
 Kinds decide how a tensor is merged:
 - "linear": a 2-D weight regressed by BMM (and merged by every method),
 - "embedding": a vocab- or position-sized 2-D table (embeddings, lm_head): never regressed,
-- "vector": anything not 2-D (biases, norms).
+- "router": a MoE router (Mixtral's gate): 2-D but never regressed, the anchor's value,
+- "vector": anything not 2-D (biases, norms, patch convolutions).
 Groups tie hyperparameters inside a block: attn_in (q/k/v), attn_out (o), mlp_in (gate/up/fc1),
-mlp_out (down/fc2), other.
+mlp_out (down/fc2), other. `transposed` linears are stored (d_in, d_out) (GPT-2's Conv1D); the
+pipeline hands every linear to methods as (d_out, d_in) and writes the stored layout back.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
+from typing import Mapping
 
+from bmmstream.errors import BmmError
+from bmmstream.plan.architectures import ARCHITECTURES, Architecture
+from bmmstream.plan.architectures import GROUPS as ARCH_GROUPS
 from bmmstream.sources.base import TensorInfo
 
-GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out", "other")
-KINDS = ("linear", "embedding", "vector")
-
-# family -> ordered (regex on the tensor name, group); first match wins
-_LLAMA = [
-    (r"self_attn\.(q_proj|k_proj|v_proj)\.weight$", "attn_in"),
-    (r"self_attn\.o_proj\.weight$", "attn_out"),
-    (r"mlp\.(gate_proj|up_proj)\.weight$", "mlp_in"),
-    (r"mlp\.down_proj\.weight$", "mlp_out"),
-]
-_BERT = [
-    (r"attention\.self\.(query|key|value)\.weight$", "attn_in"),
-    (r"attention\.output\.dense\.weight$", "attn_out"),
-    (r"intermediate\.dense\.weight$", "mlp_in"),
-    (r"(?<!attention\.)output\.dense\.weight$", "mlp_out"),
-]
-FAMILIES: dict[str, list[tuple[str, str]]] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "bert": _BERT,
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
-    "electra": _BERT,
-}
+GROUPS = ARCH_GROUPS
+KINDS = ("linear", "embedding", "vector", "router")
+# the families a table in bmmstream/plan/architectures/ covers: model_type -> table
+FAMILIES: Mapping[str, Architecture] = ARCHITECTURES
+log = logging.getLogger(__name__)
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 _GENERIC_LAYER_RE = re.compile(r"\.(\d+)\.")
 _EMBED_RE = re.compile(r"(embed|lm_head|wte\.|wpe\.|shared\.weight)")
@@ -56,6 +47,12 @@ class ModuleSpec:
     layer: int | None  # transformer layer index, None outside the layer stack
     block: int  # hyperparameter block (non-layer tensors: first block before, last block after)
     unit: int  # position in the streaming order (0 = pre-layer tensors, 1..L = layers, L+1 = rest)
+    transposed: bool = False  # stored (d_in, d_out): the pipeline transposes it for methods and back
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """The shape methods see: (d_out, d_in) for every linear, the stored shape otherwise."""
+        return tuple(reversed(self.shape)) if self.transposed else self.shape
 
 
 @dataclass
@@ -89,6 +86,7 @@ def split_blocks(num_layers: int, num_blocks: int) -> list[range]:
 
 
 def detect_family(config: dict) -> str:
+    """The config's model_type when a table covers it, else "generic"."""
     mt = str(config.get("model_type", "")).lower()
     return mt if mt in FAMILIES else "generic"
 
@@ -106,10 +104,27 @@ def _is_embedding(name: str, info: TensorInfo, vocab: int | None) -> bool:
     return vocab is not None and vocab in info.shape
 
 
+def _classify(name: str, info: TensorInfo, layer: int | None, vocab: int | None,
+              arch: Architecture | None) -> tuple[str, str, bool]:
+    """(kind, group, transposed) of one tensor: the family's first matching rule, else by shape."""
+    rule = arch.match(name) if arch is not None else None
+    if rule is not None and rule.refuse:
+        raise BmmError(f"{name}: {rule.refuse} (family '{arch.name}', shape {list(info.shape)})")
+    if len(info.shape) != 2:
+        return "vector", "other", False
+    if rule is not None and rule.kind in ("embedding", "router"):
+        return rule.kind, "other", False
+    if rule is not None:
+        return "linear", rule.group, rule.transposed
+    if _is_embedding(name, info, vocab) and layer is None:
+        return "embedding", "other", False
+    return "linear", "other", False
+
+
 def build_plan(config: dict, infos: dict[str, TensorInfo], blocks: int = 1) -> Plan:
     """Classify every tensor of the base checkpoint; deterministic for the same inputs."""
     family = detect_family(config)
-    rules = [(re.compile(p), g) for p, g in FAMILIES.get(family, [])]
+    arch = FAMILIES.get(family)
     vocab = config.get("vocab_size")
     layers = {}
     for name in infos:
@@ -124,25 +139,32 @@ def build_plan(config: dict, infos: dict[str, TensorInfo], blocks: int = 1) -> P
     for name in sorted(infos):
         info = infos[name]
         layer = layers[name]
-        if len(info.shape) != 2:
-            kind, group = "vector", "other"
-        elif _is_embedding(name, info, vocab) and layer is None:
-            kind, group = "embedding", "other"
-        else:
-            kind, group = "linear", "other"
-            for rx, g in rules:
-                if rx.search(name):
-                    group = g
-                    break
+        kind, group, transposed = _classify(name, info, layer, vocab, arch)
         if layer is not None:
             unit, block = layer + 1, layer_block[layer]
         elif kind == "embedding" and "lm_head" not in name:
             unit, block = 0, 0
         else:
             unit, block = num_layers + 1, nb - 1
-        modules.append(ModuleSpec(name, tuple(info.shape), kind, group, layer, block, unit))
+        modules.append(ModuleSpec(name, tuple(info.shape), kind, group, layer, block, unit, transposed))
+    _say_unmatched(str(config.get("model_type") or "(no model_type)"), arch, modules)
 
     units: list[list[str]] = [[] for _ in range(num_layers + 2)]
     for m in modules:
         units[m.unit].append(m.name)
     return Plan(family, num_layers, nb, modules, units)
+
+
+def _say_unmatched(model_type: str, arch: Architecture | None, modules: list[ModuleSpec]) -> None:
+    """Warn when linears fall to group "other" for want of a rule (all of them for a generic family)."""
+    other = [m.name for m in modules if m.kind == "linear" and m.group == "other"]
+    if arch is None and other:
+        log.warning(
+            "model family '%s' has no architecture table (bmmstream/plan/architectures/): all %d linear(s) "
+            "went to group 'other' (regressed with the config's rho for 'other'; `bmm search` has no group to "
+            "search), e.g. '%s'", model_type, len(other), other[0])
+        return
+    inside = [m.name for m in modules if m.kind == "linear" and m.group == "other" and m.layer is not None]
+    if inside:
+        log.warning("model family '%s': %d linear(s) inside the layers match no rule of table '%s' and went to "
+                    "group 'other', e.g. '%s'", model_type, len(inside), arch.name, inside[0])

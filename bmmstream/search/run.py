@@ -1,25 +1,31 @@
 """`bmm search`: BMM's outer loop (Algorithm 1) on a resident model, then one streamed write.
 
-1. Statistics: stream the checkpoints unit by unit as a merge does; per regressed module keep
-   W_pre, the anchor U0 and the spectral factors of G (solve.spectral.prepare: eigh once, then a new
-   lam costs one matmul). G and C also go to the run's Zarr store, so the final write reuses them.
-   With hybrid statistics G and C are affine in eps (G = eps A + (1 - eps) B, likewise C), so the
-   two ends are kept instead and each trial does a batched Cholesky solve.
-2. A resident transformers model of the base architecture holds the non-regressed tensors at the
-   anchor's values; each trial writes W_pre + s U(lam) into its regressed weights in place (no
-   checkpoint per trial) and scores it.
+1. Statistics pass: stream the checkpoints unit by unit as a merge does; the anchor's non-regressed
+   tensors go into the resident model, and every regressed module's spectral factors go to the
+   run's Zarr store once, one group per module (`factor_key(name)`: e, Q, the residual-form
+   A = C Q - U0 Q diag(e) and U0, solve/spectral.py; with hybrid statistics the two ends of G and C
+   in eps). G and C stay in the store too, so the final write reuses them.
+2. Trials (`StreamedTrials`): unit by unit, read the factors (the next unit's on a worker thread),
+   re-solve with one matmul per module (no factorisation per trial; hybrid: one Cholesky), write
+   W_pre + s U(lam) into the resident model in place, drop the unit's factors. W_pre is read back
+   from the base checkpoint (`search: {keep_base: false}`) or held resident (`true`; `auto`: only
+   on an accelerator with room). Each evaluation's seconds streaming / re-solving / assembling /
+   scoring go to <run>/search_costs.jsonl and search-report/trial_costs.json.
 3. The driver (search/driver.py) asks the optimiser, caches scores by parameters, keeps the
-   history in the run directory (a killed search resumes with the same history), re-scores the
-   best few at full fidelity; the best point is then written by the ordinary streaming merge.
+   history in the run directory (a killed search resumes with the same history; the factors
+   already stored are not recomputed), re-scores the best few at full fidelity; the best point is
+   then written by the ordinary streaming merge.
 
-Memory: the resident phase holds about 4 model copies (model, W_pre, C Q, U0 Q) plus d_in^2 per
-module: meant for models that fit several times in device memory (the benchmarks' 22M-135M
-models); the streaming merge itself has no such limit.
+Memory: one resident model in the compute dtype + two units' factors + one unit's W_pre (the
+statistics pass: one unit's checkpoints and statistics, as a merge). The model itself must fit
+on the device. `search: {in_core: true}` keeps the former path (every module's W_pre and factors
+resident, about 4 model copies + d_in^2 per module) for comparison.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,18 +68,66 @@ def _resident_model(job) -> torch.nn.Module:
 
 
 def _param_map(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name -> the model's parameter/buffer, allowing for a base-model prefix."""
-    own = dict(model.named_parameters())
+    """Checkpoint tensor name -> the model's parameter/buffer (or a view of it) that holds it.
+
+    Found by name (allowing for a base-model prefix), else through transformers' own checkpoint
+    conversion (>= 5: ViT's renamed modules; Mixtral's per-expert w1/w3/w2, which the model holds
+    as fused [E, ...] tensors: the view of expert e's slice). A Conv1D weight (GPT-2) is mapped as
+    its transposed view: trials write (d_out, d_in) matrices, the layout the pipeline gives methods,
+    and the view stores them as the module holds them. Tied parameters are found under either name."""
+    import re
+
+    from transformers.pytorch_utils import Conv1D
+
+    own = dict(model.named_parameters(remove_duplicate=False))
     own.update(dict(model.named_buffers()))
     prefix = getattr(model, "base_model_prefix", "") or ""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        maps = get_model_conversion_mapping(model)
+        converters = [m for m in maps if isinstance(m, WeightConverter)]
+        renamings = [m for m in maps if not isinstance(m, WeightConverter)]
+    except (ImportError, AttributeError, TypeError):  # transformers 4: checkpoints use the module names
+        rename_source_key = None
+
+    def converted(n: str) -> torch.Tensor | None:
+        if rename_source_key is None:
+            return None
+        target, pattern = rename_source_key(n, renamings, converters, prefix, own)
+        if target not in own:
+            return None
+        if pattern is None:
+            return own[target]
+        conv = next(c for c in converters if pattern in c.source_patterns)
+        ops = [type(o).__name__ for o in conv.operations]
+        dims = [getattr(o, "dim", None) for o in conv.operations]
+        if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or dims not in ([0], [0, 1]):
+            raise BmmError(f"search: transformers loads '{n}' into '{target}' through {ops}; the search cannot "
+                           "write it in place (merge with fixed parameters: bmm merge)")
+        m = re.search(r"(\d+)".join(re.escape(part) for part in pattern.split("*")), n)  # the expert index
+        if m is None or pattern.count("*") != 1:
+            raise BmmError(f"search: cannot tell the expert index of '{n}' from transformers' pattern '{pattern}'")
+        e, k = int(m.group(1)), conv.source_patterns.index(pattern)
+        fused = own[target].detach()[e]  # expert e of the [E, ...] stack
+        rows = fused.shape[0] // len(conv.source_patterns)
+        return fused.narrow(0, k * rows, rows)  # source k of the concatenation along dim 1 of the stack
+
     out, missing = {}, []
     for n in names:
         for cand in (n, n.removeprefix(prefix + "."), f"{prefix}.{n}"):
             if cand in own:
-                out[n] = own[cand]
+                owner, _, attr = cand.rpartition(".")
+                conv = attr == "weight" and isinstance(model.get_submodule(owner), Conv1D)
+                out[n] = own[cand].detach().T if conv else own[cand]
                 break
         else:
-            missing.append(n)
+            t = converted(n)
+            if t is None:
+                missing.append(n)
+            else:
+                out[n] = t
     if missing:
         raise BmmError(
             f"the {type(model).__name__} built from the base config has no parameter for "
@@ -106,9 +160,9 @@ def _collect(job, model, store, progress: bool) -> tuple[list[_Batch], dict[str,
                     params[n].copy_(inp.base + anchor[n])
                     continue
                 if hybrid and inp.grams is not None:
-                    A, CA = combine(inp.deltas, hybrid_grams(inp.deltas, inp.grams, 1.0))
-                    B, CB = combine(inp.deltas, hybrid_grams(inp.deltas, inp.grams, 0.0))
-                    stats = ("ends", (A, B, CA, CB))
+                    # the merge's own statistics at eps = 1 and eps = 0 (same dtype, same rescale option)
+                    one, zero = method.module_statistics(inp, eps=1.0), method.module_statistics(inp, eps=0.0)
+                    stats = ("ends", (one["G"], zero["G"], one["C"], zero["C"]))
                 else:
                     if store.has(n):
                         st = store.get(n, job.device)
@@ -136,7 +190,7 @@ def _collect(job, model, store, progress: bool) -> tuple[list[_Batch], dict[str,
             if kind == "gc":
                 G = torch.stack([st[1][0] for *_, st in its])
                 C = torch.stack([st[1][1] for *_, st in its])
-                b.spectral = spectral_prepare(G, C, U0)
+                b.spectral = spectral_prepare(G, C, U0, dtype=G.dtype)  # the merge solves in G's dtype too
             else:
                 A, B, CA, CB = (torch.stack([st[1][k] for *_, st in its]) for k in range(4))
                 b.ends = (A, B, CA, CB, U0)
@@ -160,29 +214,377 @@ def _with_fixed_groups(point: dict, method, key: str) -> dict:
 
 def _apply(point: dict, batches: list[_Batch], params: dict, key: str, default_eps: float) -> None:
     """Write W_pre + s U(lam) for every regressed module of the resident model."""
+    from bmmstream.methods.bmm import DEFAULT_RHO
+    from bmmstream.solve.closed_form import lam_from_rho
+
     blocks = point["blocks"]
     with torch.no_grad():
         for b in batches:
             dt, dev = b.W_pre.dtype, b.W_pre.device
-            try:
-                hp = torch.tensor([blocks[min(k, len(blocks) - 1)][key][g] for k, g in zip(b.blocks, b.groups)],
-                                  dtype=dt, device=dev)
-            except KeyError as e:
-                raise BmmError(f"search: no {key} for group {e} (modules outside attention/MLP, e.g. "
-                               f"'{b.names[0]}'); give parameters.{key} for it") from None
+            vals = [blocks[min(k, len(blocks) - 1)][key].get(g) for k, g in zip(b.blocks, b.groups)]
+            # a group without a value takes the default relative rho, as methods/bmm.py does (never lam 0);
+            # lam is formed in float64 from the statistics' trace exactly as the written merge forms it
+            relative = torch.tensor([key == "rho" or v is None for v in vals], device=dev)
+            hp = torch.tensor([DEFAULT_RHO if v is None else float(v) for v in vals], dtype=torch.float64, device=dev)
             s = torch.tensor([blocks[min(k, len(blocks) - 1)]["scale"] for k in b.blocks], dtype=dt, device=dev)
             if b.spectral is not None:
-                lam = b.spectral.lam(hp) if key == "rho" else hp
+                lam = torch.where(relative, b.spectral.lam(hp), hp.to(b.spectral.e.dtype))
                 U = b.spectral.solve(lam)
             else:
                 A, B, CA, CB, U0 = b.ends
                 eps = float(point.get("eps", default_eps))
                 G, C = eps * A + (1 - eps) * B, eps * CA + (1 - eps) * CB
-                lam = hp * (torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)) if key == "rho" else hp
-                U, _ = bmm_solve(G, C, U0, lam)
+                hp = hp.to(G.dtype)
+                lam = torch.where(relative, lam_from_rho(G, hp), hp)
+                U, _ = bmm_solve(G, C, U0, lam, dtype=G.dtype)
             W = b.W_pre + s[:, None, None] * U
             for k, n in enumerate(b.names):
                 params[n].copy_(W[k])
+
+
+# -- out-of-core search: factors in the Zarr store, streamed layer by layer in every trial -------
+FACTOR_DTYPES = {"compute": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class FactorOptions:
+    """How the search stores each module's factors (defaults chosen by bench/search_memory.py).
+
+    dtype: storage dtype of Q and A ("compute": the run's compute dtype); e and trace(G) stay in
+    the statistics dtype. Measured on the suites' task vectors (bench/search_memory.py storage):
+    float32 costs <= 3e-8 relative error in U at 0.65x the float64 bytes, bfloat16 2e-3 at 0.48x,
+    so float32 is the default. energy: keep the top-k eigenpairs of G holding this fraction of
+    trace(G) (None, the default: all d_in, exact); on low-rank + noise task vectors any energy
+    target that drops the noise directions costs 2-7% error, as small-lam trials amplify them.
+    keep_base: hold W_pre resident ("true") or stream it from the base checkpoint every trial
+    ("false"); "auto" keeps it only on an accelerator with room to spare."""
+
+    dtype: str = "float32"
+    energy: float | None = None
+    keep_base: str = "auto"
+
+    @classmethod
+    def from_search(cls, s: dict) -> "FactorOptions":
+        f = dict(s.get("factors") or {})
+        unknown = sorted(set(f) - {"dtype", "energy"})
+        if unknown:
+            raise BmmError(f"search.factors: unknown key(s) {unknown}; known: ['dtype', 'energy']")
+        dtype = str(f.get("dtype", cls.dtype))
+        if dtype not in FACTOR_DTYPES:
+            raise BmmError(f"search.factors.dtype must be one of {sorted(FACTOR_DTYPES)}, got {dtype!r}")
+        energy = f.get("energy")
+        if energy is not None and (isinstance(energy, bool) or not 0.0 < float(energy) <= 1.0):
+            raise BmmError(f"search.factors.energy must be in (0, 1], got {energy!r}")
+        kb = s.get("keep_base", "auto")
+        kb = {True: "true", False: "false"}.get(kb, kb)
+        if kb not in ("auto", "true", "false"):
+            raise BmmError(f"search.keep_base must be auto, true or false, got {kb!r}")
+        return cls(dtype, None if energy is None else float(energy), kb)
+
+
+def choose_rank(e: torch.Tensor, energy: float | None) -> int:
+    """Smallest k whose top-k eigenvalues (descending) hold `energy` of trace(G); d_in for None."""
+    d = e.shape[-1]
+    if energy is None or energy >= 1.0:
+        return d
+    c = torch.cumsum(e.double(), -1)
+    k = int(torch.searchsorted(c, energy * c[-1]).item()) + 1
+    return max(1, min(k, d))
+
+
+def module_factors(G: torch.Tensor, C: torch.Tensor, U0: torch.Tensor, opts: FactorOptions) -> tuple[dict, dict]:
+    """A module's factors for the store: e, Q_k, A_k (residual form, solve/spectral.py), U0 and
+    trace(G)/d_in, factored once in G's dtype as the in-core search does; Q and A are then cast to
+    the storage dtype. Returns (arrays, attrs)."""
+    st = spectral_prepare(G, C, U0, dtype=G.dtype)
+    k = choose_rank(st.e, opts.energy)
+    store_dt = FACTOR_DTYPES[opts.dtype] or U0.dtype
+    arrays = {"e": st.e[..., :k].contiguous(), "Q": st.Q[..., :k].to(store_dt).contiguous(),
+              "A": st.A[..., :k].to(store_dt).contiguous(), "U0": U0, "trace_over_d": st.trace_over_d.reshape(1)}
+    return arrays, {"kind": "eig", "k": k, "d_in": int(G.shape[-1])}
+
+
+@dataclass
+class _Module:
+    name: str
+    block: int
+    group: str
+    transposed: bool
+
+
+def _base_weight(job, name: str, transposed: bool) -> torch.Tensor:
+    """W_pre as the methods see it: compute dtype, device, (d_out, d_in)."""
+    w = job.sources.base.get(name).to(job.device, job.cfg.compute_dtype)
+    return w.T.contiguous() if transposed else w
+
+
+def _write_factors(job, model, store, opts: FactorOptions, keep_base: bool, progress: bool):
+    """The statistics pass of the out-of-core search: stream the checkpoints unit by unit, write
+    the anchor's non-regressed tensors into the resident model, and every regressed module's
+    factors to the store once (a resumed run skips the modules already complete). Only one
+    unit's tensors are alive at a time. Returns (units of regressed modules, param map, W_pre
+    dict when kept else None)."""
+    from bmmstream.pipeline import _unit_inputs
+    from bmmstream.statistics.store import factor_key
+
+    method = job.method
+    hybrid = method.params["statistics"] == "hybrid"
+    units = job.plan.units
+    params = _param_map(model, [n for unit in units for n in unit])
+    out_units: list[list[_Module]] = []
+    base: dict[str, torch.Tensor] | None = {} if keep_base else None
+    for i, unit in enumerate(tqdm(units, desc="search statistics", unit="unit", disable=not progress)):
+        if i + 1 < len(units):
+            for s in job.sources.all:
+                s.prefetch(units[i + 1])
+        inputs, passthrough = _unit_inputs(job, unit, store)
+        anchor = method.anchor.merge_unit(inputs)
+        mods = []
+        with torch.no_grad():
+            for n, t in passthrough.items():
+                params[n].copy_(t)
+            for inp in inputs:
+                n = inp.spec.name
+                if inp.spec.kind != "linear":
+                    params[n].copy_(inp.base + anchor[n])
+                    continue
+                mods.append(_Module(n, inp.spec.block, inp.spec.group, inp.spec.transposed))
+                if base is not None:
+                    base[n] = inp.base.clone()  # never a view of the checkpoint's memory map
+                if store.has(factor_key(n)):
+                    continue
+                if hybrid and inp.grams is not None:
+                    # the merge's own statistics at eps = 1 and eps = 0; each trial mixes them and solves
+                    one, zero = method.module_statistics(inp, eps=1.0), method.module_statistics(inp, eps=0.0)
+                    arrays = {"GA": one["G"], "GB": zero["G"], "CA": one["C"], "CB": zero["C"], "U0": anchor[n]}
+                    attrs = {"kind": "ends"}
+                else:
+                    if store.has(n):
+                        st = store.get(n, job.device)
+                    else:
+                        st = method.module_statistics(inp)
+                        store.put(n, st, {"tasks": len(job.sources.experts)})
+                    arrays, attrs = module_factors(st["G"], st["C"], anchor[n], opts)
+                store.put(factor_key(n), arrays, {**attrs, "dtype": opts.dtype, "energy": opts.energy})
+        del inputs, anchor
+        out_units.append(mods)
+        for s in job.sources.all:
+            s.release(unit)
+    return [u for u in out_units if u], params, base
+
+
+@dataclass
+class TrialCost:
+    """Seconds one trial spent per stage (stream: waiting for factors and W_pre)."""
+
+    stream_s: float = 0.0
+    resolve_s: float = 0.0
+    assemble_s: float = 0.0
+    score_s: float = 0.0
+    factor_bytes: int = 0
+
+
+class StreamedTrials:
+    """Applies search points to the resident model with the factors streamed from the store.
+
+    Holds no factor between trials: per trial, each unit's factors are read (the next unit's on a
+    worker thread while this one is solved), re-solved with one matmul per module, W_pre + s U is
+    written into the model in place, and the unit's factors are dropped. `peak_factor_bytes` is
+    the most factor bytes ever held at once (this unit + the one being prefetched)."""
+
+    def __init__(self, job, store, units: list[list[_Module]], params: dict, base: dict | None,
+                 key: str, default_eps: float):
+        self.job, self.store, self.units, self.params, self.base = job, store, units, params, base
+        self.key, self.default_eps = key, default_eps
+        self.peak_factor_bytes = 0
+        self._scratch: torch.Tensor | None = None  # the re-solve's workspace (largest module's A diag + U)
+
+    def _load(self, i: int) -> dict[str, tuple[dict, dict]]:
+        """Unit i's factors on the device, Q and A cast back to the compute dtype."""
+        from bmmstream.statistics.store import factor_key
+
+        dt, dev = self.job.cfg.compute_dtype, self.job.device
+        out = {}
+        for m in self.units[i]:
+            f = self.store.get(factor_key(m.name), dev)
+            for k in ("Q", "A"):
+                if k in f:
+                    f[k] = f[k].to(dt)
+            out[m.name] = (f, self.store.attrs(factor_key(m.name)))
+        return out
+
+    def _resolve(self, f: dict, e: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """U = U0 + A diag(1 / (e + lam)) Q^T (solve/spectral.py's solve_eigen_truncated, one
+        addmm) into a scratch buffer that is reused by every module and trial."""
+        A, Q, U0 = f["A"], f["Q"], f["U0"]
+        inv = (1.0 / (e + lam)).to(A.dtype)
+        need = A.numel() + U0.numel()
+        if self._scratch is None or self._scratch.numel() < need or self._scratch.dtype != A.dtype \
+                or self._scratch.device != A.device:
+            self._scratch = torch.empty(need, dtype=A.dtype, device=A.device)
+        AI = torch.mul(A, inv, out=self._scratch[: A.numel()].view(A.shape))
+        return torch.addmm(U0, AI, Q.T, out=self._scratch[A.numel(): need].view(U0.shape))
+
+    @staticmethod
+    def _bytes(facs: dict) -> int:
+        return sum(t.numel() * t.element_size() for f, _ in facs.values() for t in f.values())
+
+    def apply(self, point: dict) -> TrialCost:
+        import concurrent.futures
+        import time
+
+        from bmmstream.methods.bmm import DEFAULT_RHO
+        from bmmstream.solve.closed_form import lam_from_rho
+        cost = TrialCost()
+        if not self.units:
+            return cost
+        blocks, key, dt = point["blocks"], self.key, self.job.cfg.compute_dtype
+        eps = float(point.get("eps", self.default_eps))
+        src = self.job.sources.base
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, torch.no_grad():
+            nxt, prev = pool.submit(self._load, 0), 0
+            for i, mods in enumerate(self.units):
+                t0 = time.perf_counter()
+                facs = nxt.result()
+                nxt = pool.submit(self._load, i + 1) if i + 1 < len(self.units) else None
+                if self.base is None and i + 1 < len(self.units):
+                    src.prefetch([m.name for m in self.units[i + 1]])
+                cost.stream_s += time.perf_counter() - t0
+                here = self._bytes(facs)
+                cost.factor_bytes += here
+                # unit i was read while unit i - 1 was solved: both were held at once
+                self.peak_factor_bytes = max(self.peak_factor_bytes, prev + here)
+                prev = here
+                for m in mods:
+                    t0 = time.perf_counter()
+                    W_pre = self.base[m.name] if self.base is not None else _base_weight(self.job, m.name, m.transposed)
+                    t1 = time.perf_counter()
+                    f, attrs = facs.pop(m.name)
+                    blk = blocks[min(m.block, len(blocks) - 1)]
+                    v = blk[key].get(m.group)
+                    hp = torch.tensor(DEFAULT_RHO if v is None else float(v), dtype=torch.float64)
+                    relative = key == "rho" or v is None
+                    if attrs["kind"] == "eig":
+                        e = f["e"]
+                        h = hp.to(e.dtype).to(e.device)
+                        lam = h * f["trace_over_d"][0] if relative else h  # 0-dim: one module
+                        U = self._resolve(f, e, lam)
+                    else:  # hybrid: mix the two ends at this eps, one Cholesky solve
+                        G = (eps * f["GA"] + (1 - eps) * f["GB"])[None]
+                        C = (eps * f["CA"] + (1 - eps) * f["CB"])[None]
+                        h = hp.to(G.dtype).to(G.device).reshape(1)
+                        lam = lam_from_rho(G, h) if relative else h
+                        U = bmm_solve(G, C, f["U0"][None], lam, dtype=G.dtype)[0][0]
+                    del f
+                    t2 = time.perf_counter()
+                    # in place into the model: no W allocated (fresh pages cost more than the arithmetic)
+                    self.params[m.name].copy_(W_pre).add_(U, alpha=float(blk["scale"]))
+                    del U, W_pre
+                    t3 = time.perf_counter()
+                    cost.stream_s += t1 - t0
+                    cost.resolve_s += t2 - t1
+                    cost.assemble_s += t3 - t2
+                del facs
+                if self.base is None:
+                    src.release([m.name for m in mods])
+        return cost
+
+
+def resolve_keep_base(keep_base: str, device: torch.device, base_bytes: int) -> bool:
+    """auto: keep W_pre resident only on an accelerator where it takes at most a quarter of the free
+    memory (a host->device copy per trial is then avoided); on the CPU the base checkpoint is read
+    back through its memory map every trial, which costs about what reading a resident copy does."""
+    if keep_base != "auto":
+        return keep_base == "true"
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return base_bytes <= free // 4
+
+
+def _trial_runner(job, model, store, s: dict, key: str, progress: bool):
+    """(apply(point) -> TrialCost, description) for the configured path: out of core (default),
+    or the in-core path (`search: {in_core: true}`, every factor resident, kept for comparison)."""
+    import time
+
+    default_eps = float(job.method.params["eps"])
+    if s.get("in_core", False):
+        batches, params = _collect(job, model, store, progress)
+
+        def apply_in_core(point: dict) -> TrialCost:
+            t0 = time.perf_counter()
+            _apply(point, batches, params, key, default_eps)
+            return TrialCost(resolve_s=time.perf_counter() - t0)
+
+        return apply_in_core, {"in_core": True}
+    opts = FactorOptions.from_search(s)
+    cb = torch.empty((), dtype=job.cfg.compute_dtype).element_size()
+    base_bytes = sum(math.prod(m.shape) for m in job.plan.modules if m.kind == "linear") * cb
+    keep = resolve_keep_base(opts.keep_base, job.device, base_bytes)
+    units, params, base = _write_factors(job, model, store, opts, keep, progress)
+    trials = StreamedTrials(job, store, units, params, base, key, default_eps)
+    return trials.apply, {"in_core": False, "keep_base": keep, "keep_base_option": opts.keep_base,
+                          "factor_dtype": opts.dtype, "factor_energy": opts.energy, "trials": trials}
+
+
+class _CostLog:
+    """Per-evaluation time split, appended to <run>/search_costs.jsonl (a resumed search appends)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def add(self, point: dict, fidelity: str, cost: TrialCost) -> None:
+        from dataclasses import asdict
+
+        rec = {"point": hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16],
+               "fidelity": fidelity, **asdict(cost)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def summary(self) -> dict:
+        recs = [json.loads(l) for l in self.path.read_text().splitlines()] if self.path.exists() else []
+        keys = ("stream_s", "resolve_s", "assemble_s", "score_s")
+        mean = {k: sum(r[k] for r in recs) / len(recs) for k in keys} if recs else {}
+        return {"evaluations": len(recs), "mean": mean, "trials": recs}
+
+
+def plan_search(config, device: str = "auto") -> dict:
+    """`bmm plan` for a config with a `search:` section: the merge's plan report plus, under
+    "search", the out-of-core search's estimates (statistics store on disk with the factors, peak
+    host and device memory, seconds per trial) and whether W_pre is kept (headers only)."""
+    from bmmstream.config import load_config
+    from bmmstream.pipeline import open_sources, plan_report, resolve_device
+    from bmmstream.plan.estimate import measure_flops, search_estimate
+    from bmmstream.plan.layout import build_plan
+
+    cfg = load_config(config)
+    rep = plan_report(cfg, device=device)
+    if not cfg.search:
+        return rep
+    s = dict(cfg.search)
+    opts = FactorOptions.from_search(s)
+    dev = resolve_device(device)
+    sources = open_sources(cfg, cache_dir=None)
+    try:
+        infos = sources.base.tensor_infos()
+        plan = build_plan(sources.base.config(), infos, blocks=int(cfg.parameters.get("blocks", 1)))
+    finally:
+        sources.close()
+    cb = torch.empty((), dtype=cfg.compute_dtype).element_size()
+    fdt = FACTOR_DTYPES[opts.dtype]
+    base_bytes = sum(math.prod(m.shape) for m in plan.modules if m.kind == "linear") * cb
+    keep = resolve_keep_base(opts.keep_base, dev, base_bytes)
+    sb = 8 if cfg.parameters.get("statistics_dtype", "float64") == "float64" else cb
+    est = search_estimate(
+        plan, infos, experts=len(cfg.models), compute_bytes=cb, statistics_bytes=sb,
+        factor_bytes=torch.empty((), dtype=fdt).element_size() if fdt is not None else cb,
+        keep_base=keep, device=dev, flops_per_s=rep["estimate"]["measured_flops_per_s"],
+        hybrid=cfg.parameters.get("statistics") == "hybrid",
+    )
+    est.update(keep_base_option=opts.keep_base, factor_dtype=opts.dtype, factor_energy=opts.energy,
+               in_core=bool(s.get("in_core", False)))
+    rep["search"] = est
+    return rep
 
 
 def best_parameters(point: dict, base_params: dict, key: str) -> dict:
@@ -211,6 +613,7 @@ def search_merge(
     from bmmstream.config import load_config
     from bmmstream.pipeline import default_run_dir, execute, prepare
     from bmmstream.search import SearchSpace, run_search
+    from bmmstream.search.space import plan_groups
     from bmmstream.search.report import write_report
     from bmmstream.search.scorers import make_scorers
     from bmmstream.statistics.store import StatsStore
@@ -223,53 +626,86 @@ def search_merge(
         raise BmmError("search: the config has no 'search:' section")
     s = dict(cfg.search)
     known = {"optimizer", "budget", "seed", "rho_range", "lam_range", "scale_range", "eps_range", "scorer",
-             "full_top_k", "num_workers"}
+             "full_top_k", "num_workers", "keep_base", "factors", "in_core"}
     unknown = sorted(set(s) - known)
     if unknown:
         raise BmmError(f"search: unknown key(s) {unknown}; known: {sorted(known)}")
     if "scorer" not in s:
         raise BmmError("search: a scorer is needed, e.g. scorer: {callable: 'my_module:score'}")
+    FactorOptions.from_search(s)  # refused before any work
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, str(config) if origin else None)
     job = prepare(cfg, out=out, run_dir=run_dir, device=device)
     try:
+        # scorer data named relative to the first run's config stay the same files when the run is
+        # resumed (`bmm resume R`, from any working directory)
+        rec = job.run.root / "search_origin.json"
+        if rec.is_file():
+            origin = Path(json.loads(rec.read_text())["scorer_base_dir"])
+        else:
+            from bmmstream.output.writer import write_json_atomic
+
+            write_json_atomic(rec, {"scorer_base_dir": str(origin.resolve())})
+        # a rho reaching no module of this family is never searched (refused when none is left)
+        block_groups, dropped = plan_groups(job.plan)
+        space_record = {"family": job.plan.family, "groups": [list(g) for g in block_groups],
+                        "dropped": [list(g) for g in dropped]}
+        if any(dropped):
+            import logging
+
+            logging.getLogger("bmmstream.search").warning(
+                "search: %s", "; ".join(f"block {b}: {', '.join(d)} not searched (no module of this "
+                                        f"'{job.plan.family}' model in that group)" for b, d in enumerate(dropped) if d))
         store = StatsStore(job.run.stats)
         if job.needs_grams:
             calibrate(job, store, progress)
         hybrid = job.method.params["statistics"] == "hybrid"
-        space = SearchSpace.from_config(s, num_blocks=job.plan.num_blocks, hybrid=hybrid)
+        space = SearchSpace.from_config(s, num_blocks=job.plan.num_blocks, hybrid=hybrid, block_groups=block_groups)
         key = space.damping_key
         tok_dir = _tokenizer_dir(job.sources.base, job.run.root / "tokenizer")
         tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
         full, proxy = make_scorers(s["scorer"], tokenizer=tokenizer, base_dir=origin)
 
         if not job.run.complete():
-            model = _resident_model(job)
-            batches, params = _collect(job, model, store, progress)
-            default_eps = float(job.method.params["eps"])
+            import time
 
-            def scored(scorer):
+            model = _resident_model(job)
+            apply, layout = _trial_runner(job, model, store, s, key, progress)
+            costs = _CostLog(job.run.root / "search_costs.jsonl")
+
+            def scored(scorer, fidelity: str):
                 def fn(point: dict) -> float:
-                    _apply(_with_fixed_groups(point, job.method, key), batches, params, key, default_eps)
+                    cost = apply(_with_fixed_groups(point, job.method, key))
+                    t0 = time.perf_counter()
                     with torch.no_grad():
-                        return float(scorer(model))
+                        score = float(scorer(model))
+                    cost.score_s = time.perf_counter() - t0
+                    costs.add(point, fidelity, cost)
+                    return score
 
                 return fn
 
             ctx = hashlib.sha256(json.dumps({k: v for k, v in job.run.load()["config"].items() if k != "search"},
                                             sort_keys=True).encode()).hexdigest()[:16]
             result = run_search(
-                space, scored(full), optimizer=s.get("optimizer", "NGOpt"), budget=int(s.get("budget", 40)),
+                space, scored(full, "full"), optimizer=s.get("optimizer", "NGOpt"), budget=int(s.get("budget", 40)),
                 seed=int(s.get("seed", cfg.seed)), run_dir=job.run.root,
-                proxy_evaluate=scored(proxy) if proxy is not None else None,
+                proxy_evaluate=scored(proxy, "proxy") if proxy is not None else None,
                 full_top_k=int(s.get("full_top_k", 3)), num_workers=1,
                 scorer_id=full.id, proxy_scorer_id=proxy.id if proxy is not None else "proxy",
                 data_hash=full.data_hash, context=ctx, write_report=False,
             )
             write_report(result, job.run.root / "search-report")
-            del model, batches, params
+            (job.run.root / "search-report" / "space.json").write_text(json.dumps(space_record, indent=2))
+            trials = layout.pop("trials", None)
+            summary = {**layout, **costs.summary()}
+            if trials is not None:
+                summary["peak_factor_bytes"] = trials.peak_factor_bytes
+            (job.run.root / "search-report" / "trial_costs.json").write_text(json.dumps(summary, indent=2))
+            del model, apply, trials
             best = _with_fixed_groups(result.best_params, job.method, key)
             (job.run.root / "best_params.json").write_text(json.dumps(best, indent=2, sort_keys=True))
-            job.method = get_method("bmm", best_parameters(best, cfg.parameters, key), seed=cfg.seed)
+            job.method = get_method("bmm", best_parameters(best, cfg.parameters, key), seed=cfg.seed,
+                                    models=[(m.model, m.parameters) for m in cfg.models])
             path = execute(job, progress=progress)
             return {"output": path, "best_params": best, "best_score": result.best_score,
                     "evaluations": result.evaluations, "report_dir": job.run.root / "search-report"}

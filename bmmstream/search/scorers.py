@@ -9,6 +9,8 @@ on); the search keys its score cache by both. Kinds, as the config's `search.sco
                                                           # rows {text, label}; the expert folder holds
                                                           # head.safetensors (weight, bias) + task.json (labels)
     {kind: perplexity, data: val.jsonl | [texts.txt, ...]}  # JSONL rows {text} or plain text lines; score = -ppl
+    {kind: lm_eval, tasks: [my_task, other.yaml], limit: 200, include_path: tasks/, metric: acc_norm}
+                                                          # EleutherAI lm-evaluation-harness on the resident model
 
 `proxy_size: N` (built-in kinds) adds a proxy scorer on a fixed seeded subset of N rows per task,
 used for most trials; `proxy: {...}` (any kind) gives the proxy scorer explicitly. Scores over several
@@ -16,11 +18,15 @@ tasks are the mean of the per-task scores. The model math lives in bmmstream/sea
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import importlib
 import json
+import logging
+import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -182,9 +188,66 @@ class PerplexityScorer(Scorer):
         return -float(perplexity(model, self.tokenizer, self.texts, max_len=self.max_len))
 
 
+class LmEvalScorer(Scorer):
+    """Mean over EleutherAI lm-evaluation-harness tasks of one metric each, on the resident model.
+
+    The model object itself is wrapped (lm_eval's HFLM with `pretrained=model`), so no checkpoint is
+    written per trial; tasks and their data are loaded once, when the scorer is built."""
+
+    def __init__(self, tokenizer: Any, loaded: dict, metrics: dict[str, tuple[str, bool]], *, specs: list[str],
+                 limit: int | None, batch_size: int = 8, metric: str | None = None, hash_items: list,
+                 samples: dict[str, list[int]] | None = None, tag: str = ""):
+        """loaded: lm_eval's TaskManager.load() result; metrics: task -> (metric, higher_is_better)."""
+        import copy
+
+        # HFLM sets a pad token on the tokenizer it is given: a copy keeps the caller's untouched
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.loaded, self.metrics, self.limit, self.samples = loaded, metrics, limit, samples
+        self.batch_size, self.specs, self.metric, self._hash_items = batch_size, specs, metric, hash_items
+        self.id = f"lm_eval:{','.join(specs)}:metric={metric or 'first'}:limit={limit}{tag}"
+        self.data_hash = data_hash(*hash_items, {"limit": limit, "samples": samples})
+
+    def proxy(self, n: int, seed: int, tag: str) -> "LmEvalScorer":
+        """The same tasks on a fixed seeded subset of n of the full scorer's rows per task."""
+        samples = {}
+        for name, task in self.loaded["tasks"].items():
+            rows = len(task.eval_docs) if self.limit is None else min(self.limit, len(task.eval_docs))
+            samples[name] = [int(i) for i in subset(list(range(rows)), n, seed)]
+        return LmEvalScorer(self.tokenizer, self.loaded, self.metrics, specs=self.specs, limit=self.limit,
+                            batch_size=self.batch_size, metric=self.metric, hash_items=self._hash_items,
+                            samples=samples, tag=tag)
+
+    def __call__(self, model):
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        name = type(model).__name__
+        if not hasattr(model, "config") or not name.endswith(("ForCausalLM", "LMHeadModel")):
+            raise BmmError(f"search.scorer: kind 'lm_eval' scores causal language models; the model is a {name}")
+        # built per call: a scorer holding the model would keep it resident after the search. HFLM
+        # warns, each time, that it was given a model object: here that is the point, so not shown.
+        log = logging.getLogger("lm_eval.models.huggingface")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        finally:
+            log.setLevel(level)
+        # lm_eval takes either limit (the first rows) or samples (row indices, the proxy's)
+        res = evaluate(lm=lm, task_dict=self.loaded, limit=None if self.samples else self.limit, samples=self.samples,
+                       bootstrap_iters=0, log_samples=False)["results"]
+        scores = []
+        for task, (metric, higher) in self.metrics.items():
+            vals = [v for k, v in res[task].items() if k.split(",")[0] == metric]
+            scores.append(float(vals[0]) if higher else -float(vals[0]))
+        return float(np.mean(scores))
+
+
 # -- from the config -----------------------------------------------------------------------------------
-KINDS = ("label_likelihood", "encoder_accuracy", "perplexity")
-_KEYS = {"callable", "kind", "data", "proxy_size", "proxy", "seed", "batch_size", "max_len"}
+KINDS = ("label_likelihood", "encoder_accuracy", "perplexity", "lm_eval")
+_KEYS = {"callable", "kind", "data", "proxy_size", "proxy", "seed", "batch_size", "max_len",
+         "tasks", "limit", "metric", "include_path"}
+LM_EVAL_MISSING = "scorer kind 'lm_eval' needs the lm_eval package: pip install 'bmmstream[lmeval]'"
 
 
 def _resolve(base_dir: Path | None, p: Any) -> Path:
@@ -229,6 +292,128 @@ def _read_texts(p: Path) -> list[str]:
     return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@contextlib.contextmanager
+def _working_dir(folder: Path) -> Iterator[None]:
+    """lm_eval (through datasets) reads a task's relative data_files from the working directory;
+    they are read from the task YAML's folder instead, whatever folder the search runs from."""
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _file_names(spec: Any) -> list[str]:
+    """The names in a datasets `data_files` value (a name, a list, or split -> name | list)."""
+    if isinstance(spec, str):
+        return [spec]
+    if isinstance(spec, dict):
+        return [f for v in spec.values() for f in _file_names(v)]
+    if isinstance(spec, (list, tuple)):
+        return [f for v in spec for f in _file_names(v)]
+    return []
+
+
+def _lm_eval_task_hash(task: Any, folder: Path) -> list:
+    """What a task's score depends on: its YAML folder's configs/functions and its local data files."""
+    cfg = task.config
+    kwargs = dict(cfg.dataset_kwargs or {})
+    items: list = [{"task": task.task_name, "dataset_path": cfg.dataset_path, "dataset_name": cfg.dataset_name,
+                    "dataset_kwargs": {k: v for k, v in kwargs.items() if k != "data_files"},
+                    "num_fewshot": task.get_config("num_fewshot")}]
+    source = (cfg.metadata or {}).get("config_source")
+    if source and Path(source).is_file():
+        items += sorted(p for p in Path(source).parent.iterdir() if p.suffix in (".yaml", ".yml", ".py"))
+    for pattern in _file_names(kwargs.get("data_files")):
+        items.append({"data_files": pattern})
+        items += sorted(Path(f) for f in glob.glob(str(folder / pattern)) if Path(f).is_file())
+    return items
+
+
+def _build_lm_eval(cfg: dict, tokenizer: Any, base_dir: Path | None, tag: str) -> LmEvalScorer:
+    """Resolve the tasks (names in include_path or lm_eval's own, or task YAML files), load them once."""
+    try:
+        import lm_eval
+        from lm_eval.defaults import DEFAULT_OTHER_SEED
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise BmmError(LM_EVAL_MISSING) from None
+    specs = cfg.get("tasks")
+    if isinstance(specs, str):
+        specs = [specs]
+    if not isinstance(specs, list) or not specs or not all(isinstance(t, str) and t for t in specs):
+        raise BmmError(f"search.scorer: kind 'lm_eval' needs 'tasks', a list of lm_eval task names or task "
+                       f"YAML files; got {specs!r}")
+    limit = cfg.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise BmmError(f"search.scorer.limit must be an integer >= 1, got {limit!r}")
+    metric = cfg.get("metric")
+    if metric is not None and not (isinstance(metric, str) and metric):
+        raise BmmError(f"search.scorer.metric must be a metric name like 'acc', got {metric!r}")
+    batch_size = cfg.get("batch_size", 8)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise BmmError(f"search.scorer.batch_size must be an integer >= 1, got {batch_size!r}")
+    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+        raise BmmError("search.scorer: kind 'lm_eval' needs a tokenizer with a BOS or EOS token "
+                       "(lm_eval conditions a first token on it)")
+    inc = cfg.get("include_path") or []
+    includes = [_resolve(base_dir, p) for p in (inc if isinstance(inc, list) else [inc])]
+    for p in includes:
+        if not p.is_dir():
+            raise BmmError(f"search.scorer.include_path: {p} is not a folder")
+    here = base_dir if base_dir is not None else Path.cwd()
+    yamls = {t: _resolve(base_dir, t) for t in specs if t.endswith((".yaml", ".yml"))}
+    for t, p in yamls.items():
+        if not p.is_file():
+            raise BmmError(f"search.scorer.tasks: task file {p} does not exist")
+    names = [t for t in specs if t not in yamls]
+    # lm_eval's own ~15k task YAMLs take seconds to index: only when a name is not in include_path
+    tm = TaskManager(include_path=[str(p) for p in includes] or None, include_defaults=False)
+    if any(t not in tm.task_index for t in names):
+        tm = TaskManager(include_path=[str(p) for p in includes] or None, include_defaults=True)
+    for t in names:
+        if t not in tm.task_index:
+            where = f"include_path {[str(p) for p in includes]} nor " if includes else ""
+            raise BmmError(f"search.scorer.tasks: unknown lm_eval task '{t}' (not in {where}lm_eval's own tasks)")
+    loaded: dict = {"tasks": {}, "groups": {}, "group_map": {}}
+    folders: dict[str, Path] = {}
+    for t in specs:
+        if t in yamls:
+            folder, spec = yamls[t].parent, str(yamls[t].resolve())
+        else:
+            yp = tm.task_index[t].yaml_path
+            folder, spec = (Path(yp).parent if yp else here), t
+        try:
+            with _working_dir(folder):
+                part = tm.load([spec])
+        except Exception as e:  # lm_eval and datasets raise many kinds; the first line names the problem
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BmmError(f"search.scorer.tasks: lm_eval task '{t}' cannot be loaded: {first}") from None
+        for name in part["tasks"]:
+            if name in loaded["tasks"]:
+                raise BmmError(f"search.scorer.tasks: lm_eval task '{name}' is named twice")
+            folders[name] = folder
+        for k in loaded:
+            loaded[k].update(part[k])
+    metrics: dict[str, tuple[str, bool]] = {}
+    hash_items: list = [{"kind": "lm_eval", "lm_eval": lm_eval.__version__, "tasks": specs}]
+    for name, task in loaded["tasks"].items():
+        # as lm_eval's simple_evaluate does: zero-shot unless the task says otherwise, seeded few-shot
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+        known = list(task.aggregation())
+        m = metric or (known[0] if known else None)
+        if m not in known:
+            raise BmmError(f"search.scorer.metric: lm_eval task '{name}' has no metric {m!r} "
+                           f"(it has: {', '.join(known) or 'none'})")
+        metrics[name] = (m, bool(task.higher_is_better().get(m, True)))
+        hash_items += _lm_eval_task_hash(task, folders[name])
+    return LmEvalScorer(tokenizer, loaded, metrics, specs=specs, limit=limit, batch_size=batch_size,
+                        metric=metric, hash_items=hash_items, tag=tag)
+
+
 def _build(cfg: dict, tokenizer: Any, base_dir: Path | None, n: int | None, seed: int, tag: str) -> Scorer:
     if "callable" in cfg:
         return CallableScorer(cfg["callable"])
@@ -238,6 +423,10 @@ def _build(cfg: dict, tokenizer: Any, base_dir: Path | None, n: int | None, seed
                        f"got kind {kind!r}")
     if tokenizer is None:
         raise BmmError(f"search.scorer: kind '{kind}' needs the base model's tokenizer")
+    if kind == "lm_eval":
+        if n is not None:  # proxy_size: make_scorers takes the subset of the full scorer's loaded tasks
+            raise BmmError("search.scorer: an lm_eval proxy is built from the full scorer")
+        return _build_lm_eval(cfg, tokenizer, base_dir, tag)
     if "data" not in cfg:
         raise BmmError(f"search.scorer: kind '{kind}' needs 'data'")
     data = cfg["data"]
@@ -290,5 +479,7 @@ def make_scorers(cfg: dict, *, tokenizer: Any = None, base_dir: str | Path | Non
             raise BmmError("search.scorer.proxy_size needs a built-in kind; for a callable give 'proxy: {callable: ...}'")
         if not isinstance(n, int) or n < 1:
             raise BmmError(f"search.scorer.proxy_size must be an integer >= 1, got {n!r}")
+        if isinstance(full, LmEvalScorer):
+            return full, full.proxy(n, seed, f":proxy{n}:seed{seed}")
         return full, _build(main_cfg, tokenizer, bd, n, seed, f":proxy{n}:seed{seed}")
     return full, None

@@ -7,7 +7,10 @@ A point of the space is a plain, JSON-serialisable dict that the pipeline consum
      "eps": 0.4}                                                                     # hybrid only
 
 The damping key is "rho" (relative: lam = rho * trace(G) / d_in) or "lam" (absolute, the paper's
-lam), per `SearchSpace.lam_mode`. Every value is rounded to `SIG_DIGITS` significant digits
+lam), per `SearchSpace.lam_mode`. Only groups that hold a regressed module of the plan are searched
+(`plan_groups`): a family without an MLP group, or a generic family whose linears are all "other",
+never gets a dimension that reaches nothing; `groups` then lists the searched groups, per block when
+blocks differ (`block_groups`). Every value is rounded to `SIG_DIGITS` significant digits
 (`canonical`) so that a point has one spelling: cache keys and resume checks compare these.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bmmstream.errors import BmmError
+from bmmstream.plan.layout import Plan
 
 SEARCH_GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 SIG_DIGITS = 6
@@ -64,12 +68,29 @@ def _check_range(name: str, rng: Any, *, positive: bool, lo_min: float | None = 
     return lo, hi
 
 
+def plan_groups(plan: Plan) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """Per block: the searched groups holding at least one regressed linear of the plan, and the
+    groups dropped because no module of that block is in them. Refuses when no block has any."""
+    have = {(m.block, m.group) for m in plan.modules if m.kind == "linear"}
+    kept = [tuple(g for g in SEARCH_GROUPS if (b, g) in have) for b in range(plan.num_blocks)]
+    dropped = [tuple(g for g in SEARCH_GROUPS if g not in k) for k in kept]
+    if not any(kept):
+        raise BmmError(
+            f"search: no regressed module of this '{plan.family}' model is in a searched group "
+            f"({', '.join(SEARCH_GROUPS)}), so no rho would reach the model; add an architecture table "
+            "in bmmstream/plan/architectures/ or merge with fixed parameters (bmm merge)"
+        )
+    return kept, dropped
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """B blocks x (scale, one damping per group), plus eps when statistics are hybrid.
 
     A range with low == high fixes that value (it is then not searched).
     `eps_default` is the eps of points that do not search it (the grid baseline).
+    `block_groups` (one tuple per block) replaces `groups` when blocks search different groups; when
+    every block has the same groups it is folded into `groups`.
     """
 
     num_blocks: int
@@ -80,6 +101,7 @@ class SearchSpace:
     eps_range: tuple[float, float] = (0.0, 1.0)
     eps_default: float = 0.5
     groups: tuple[str, ...] = SEARCH_GROUPS
+    block_groups: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
@@ -92,13 +114,34 @@ class SearchSpace:
             self, "eps_range", _check_range("eps_range", self.eps_range, positive=False, lo_min=0.0, hi_max=1.0)
         )
         object.__setattr__(self, "groups", tuple(self.groups))
+        if self.block_groups is not None:
+            bg = tuple(tuple(g) for g in self.block_groups)
+            if len(bg) != self.num_blocks:
+                raise BmmError(f"search space: {len(bg)} block group lists for {self.num_blocks} blocks")
+            uniform = all(g == bg[0] for g in bg)
+            object.__setattr__(self, "groups", bg[0] if uniform else tuple(g for g in SEARCH_GROUPS
+                                                                           if any(g in b for b in bg)))
+            object.__setattr__(self, "block_groups", None if uniform else bg)
+        for g in {g for b in range(self.num_blocks) for g in self.groups_of(b)}:
+            if g not in SEARCH_GROUPS:
+                raise BmmError(f"search space: unknown group {g!r}; groups: {list(SEARCH_GROUPS)}")
+        if not any(self.groups_of(b) for b in range(self.num_blocks)):
+            raise BmmError("search space: no group to search a damping for")
+
+    def groups_of(self, block: int) -> tuple[str, ...]:
+        """The groups searched in one block."""
+        return self.groups if self.block_groups is None else self.block_groups[block]
 
     @classmethod
-    def from_config(cls, search: dict, *, num_blocks: int, hybrid: bool = False) -> "SearchSpace":
-        """Build from the config's `search:` section (rho_range or lam_range, scale_range, eps_range)."""
+    def from_config(cls, search: dict, *, num_blocks: int, hybrid: bool = False,
+                    block_groups: list[tuple[str, ...]] | None = None) -> "SearchSpace":
+        """Build from the config's `search:` section (rho_range or lam_range, scale_range, eps_range);
+        `block_groups`: the groups to search per block (`plan_groups`), default all four everywhere."""
         if "rho_range" in search and "lam_range" in search:
             raise BmmError("search: give rho_range (relative lam) or lam_range (absolute lam), not both")
         kw: dict[str, Any] = {"num_blocks": num_blocks, "hybrid": hybrid}
+        if block_groups is not None:
+            kw["block_groups"] = tuple(tuple(g) for g in block_groups)
         if "lam_range" in search:
             kw["rho_range"], kw["lam_mode"] = search["lam_range"], "absolute"
         elif "rho_range" in search:
@@ -117,8 +160,9 @@ class SearchSpace:
     def dimension(self) -> int:
         """Number of searched values (ranges with low == high are fixed, not searched)."""
         free = lambda r: int(r[0] != r[1])  # noqa: E731
-        per_block = free(self.scale_range) + len(self.groups) * free(self.rho_range)
-        return self.num_blocks * per_block + (free(self.eps_range) if self.hybrid else 0)
+        per_block = sum(free(self.scale_range) + len(self.groups_of(b)) * free(self.rho_range)
+                        for b in range(self.num_blocks))
+        return per_block + (free(self.eps_range) if self.hybrid else 0)
 
     def signature(self) -> dict:
         """What identifies the space (part of a search's identity on disk)."""
@@ -129,7 +173,7 @@ class SearchSpace:
             "lam_mode": self.lam_mode,
             "hybrid": self.hybrid,
             "eps_range": list(self.eps_range) if self.hybrid else None,
-            "groups": list(self.groups),
+            "groups": list(self.groups) if self.block_groups is None else [list(g) for g in self.block_groups],
         }
 
     def signature_hash(self) -> str:
@@ -149,8 +193,9 @@ class SearchSpace:
             return lo if lo == hi else ng.p.Log(lower=lo, upper=hi)
 
         blocks = [
-            ng.p.Dict(scale=scalar(self.scale_range), damping=ng.p.Dict(**{g: log(self.rho_range) for g in self.groups}))
-            for _ in range(self.num_blocks)
+            ng.p.Dict(scale=scalar(self.scale_range),
+                      damping=ng.p.Dict(**{g: log(self.rho_range) for g in self.groups_of(b)}))
+            for b in range(self.num_blocks)
         ]
         top: dict[str, Any] = {"blocks": ng.p.Tuple(*blocks)}
         if self.hybrid:
@@ -172,8 +217,8 @@ class SearchSpace:
     def shared_point(self, damping: float, scale: float = 1.0) -> dict:
         """Every block and group shares one damping and one scale (the grid baseline)."""
         out: dict[str, Any] = {
-            "blocks": [{"scale": scale, self.damping_key: {g: damping for g in self.groups}}
-                       for _ in range(self.num_blocks)]
+            "blocks": [{"scale": scale, self.damping_key: {g: damping for g in self.groups_of(b)}}
+                       for b in range(self.num_blocks)]
         }
         if self.hybrid:
             out["eps"] = self.eps_default
@@ -193,9 +238,9 @@ class SearchSpace:
         """Scale and eps uniform, damping log-uniform; draws in a fixed order so a seed replays."""
         llo, lhi = math.log(self.rho_range[0]), math.log(self.rho_range[1])
         blocks = []
-        for _ in range(self.num_blocks):
+        for b in range(self.num_blocks):
             scale = rng.uniform(*self.scale_range)
-            damp = {g: math.exp(rng.uniform(llo, lhi)) for g in self.groups}
+            damp = {g: math.exp(rng.uniform(llo, lhi)) for g in self.groups_of(b)}
             blocks.append({"scale": scale, self.damping_key: damp})
         out: dict[str, Any] = {"blocks": blocks}
         if self.hybrid:
@@ -225,10 +270,10 @@ class SearchSpace:
         for i, b in enumerate(params["blocks"]):
             if not isinstance(b, dict) or "scale" not in b or not isinstance(b.get(key), dict):
                 raise BmmError(f"search point: block {i} needs 'scale' and a '{key}' dict")
-            missing = sorted(set(self.groups) - set(b[key]))
+            missing = sorted(set(self.groups_of(i)) - set(b[key]))
             if missing:
                 raise BmmError(f"search point: block {i} '{key}' lacks group(s) {missing}")
-            for g in self.groups:
+            for g in self.groups_of(i):
                 if not float(b[key][g]) > 0:
                     raise BmmError(f"search point: block {i} {key}[{g}] must be > 0, got {b[key][g]}")
         if self.hybrid and "eps" not in params:

@@ -8,11 +8,19 @@ G = Q diag(e) Q^T computed once, (G + lam I)^-1 = Q diag(1 / (e + lam)) Q^T, so
 
 and with CQ = C Q, U0Q = U0 Q precomputed a trial is one (d_out x d_in) @ (d_in x d_in) matmul.
 
-Rank-k truncation. Since lam diag(1/(e+lam)) = I - diag(e/(e+lam)) and U0 Q Q^T = U0,
+Residual form. Since lam diag(1/(e+lam)) = I - diag(e/(e+lam)) and U0 Q Q^T = U0,
 
     U(lam) = U0 + (C Q - U0 Q diag(e)) diag(1 / (e + lam)) Q^T                          (exact)
 
-Keeping only the top-k eigenpairs (Q_k, e_k) drops the term
+`prepare` uses this form for every k (k = None: all d_in eigenpairs): A = C Q - U0 Q diag(e) is
+computed once in float64 (eigh of G in float64 too), so the anchor's component outside span(G),
+where e ~ 0 and the exact A is 0, is never divided by a tiny lam; the direct form above loses it
+in float32 (bench/precision.py: error 2-30 at rho 1e-6 on rank-1..16 task vectors). A and Q are
+then kept in U0's dtype (the compute dtype) and e, 1/(e + lam) in float64, so a trial is still one
+matmul in the compute dtype. lam = rho * trace(G)/d_in with the trace taken from G's diagonal,
+exactly as solve.closed_form.lam_from_rho, so a trial and the written merge use the same lam.
+
+Rank-k truncation. Keeping only the top-k eigenpairs (Q_k, e_k) drops the term
 (C Q_r - U0 Q_r diag(e_r)) diag(1 / (e_r + lam)) Q_r^T of the discarded directions, i.e. in those
 directions the merged update is U0 (the lam -> inf limit). The truncation is exact when e_r = 0 and
 C Q_r = 0 (C lies in range(Q_k)); both hold when k >= rank(G) for data-free statistics
@@ -70,7 +78,7 @@ def solve_eigen_truncated(
     U0: [..., d_out, d_in]; A: [..., d_out, k]; e_k: [..., k]; Q_k: [..., d_in, k].
     Exact for k = d_in; see the module docstring for when a smaller k is exact.
     """
-    inv = 1.0 / (e_k + _lam_tensor(lam, e_k))
+    inv = (1.0 / (e_k + _lam_tensor(lam, e_k))).to(A.dtype)  # e_k may be float64, A the compute dtype
     return U0 + (A * inv.unsqueeze(-2)) @ Q_k.transpose(-1, -2)
 
 
@@ -83,41 +91,43 @@ def lam_from_rho(e: torch.Tensor, rho: float | torch.Tensor) -> torch.Tensor:
 class SpectralStats:
     """What a search keeps per batch of modules so that a new lam costs one matmul.
 
-    `k` is None for the exact form (fields CQ, U0Q, e, Q) and an int for the truncated form
-    (fields U0, A, e, Q holding the top-k pairs). `trace_over_d` = trace(G) / d_in of the full G,
-    for relative lam, so truncation does not change what a rho means.
+    U(lam) = U0 + A diag(1 / (e + lam)) Q^T with A = C Q - U0 Q diag(e) (the residual form).
+    `k` is None when all d_in eigenpairs are kept (exact) and an int for the top-k truncation.
+    e and `trace_over_d` (trace(G) / d_in of the full G, for relative lam, so truncation does not
+    change what a rho means) are float64; U0, A and Q are in the compute dtype.
     """
 
     e: torch.Tensor
     Q: torch.Tensor
     trace_over_d: torch.Tensor
+    U0: torch.Tensor
+    A: torch.Tensor
     k: int | None = None
-    CQ: torch.Tensor | None = None
-    U0Q: torch.Tensor | None = None
-    U0: torch.Tensor | None = None
-    A: torch.Tensor | None = None
 
     def lam(self, rho: float | torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(rho, dtype=self.e.dtype, device=self.e.device) * self.trace_over_d
+        rho_t = rho.to(self.e.dtype) if isinstance(rho, torch.Tensor) else torch.tensor(rho, dtype=self.e.dtype)
+        return rho_t.to(self.e.device) * self.trace_over_d
 
     def solve(self, lam: float | torch.Tensor) -> torch.Tensor:
-        if self.k is None:
-            return solve_eigen(self.CQ, self.U0Q, self.e, self.Q, lam)
         return solve_eigen_truncated(self.U0, self.A, self.e, self.Q, lam)
 
 
-def prepare(G: torch.Tensor, C: torch.Tensor, U0: torch.Tensor, k: int | None = None) -> SpectralStats:
-    """Factor G once and precompute the products a trial needs (exact if k is None, else top-k)."""
-    e, Q = eigen_factor(G)
-    trace_over_d = e.mean(-1)
-    if k is None:
-        return SpectralStats(e=e, Q=Q, trace_over_d=trace_over_d, CQ=C @ Q, U0Q=U0 @ Q)
+def prepare(
+    G: torch.Tensor, C: torch.Tensor, U0: torch.Tensor, k: int | None = None, *, dtype: torch.dtype = torch.float64
+) -> SpectralStats:
+    """Factor G once (in `dtype`, float64 by default) and precompute A = C Q_k - U0 Q_k diag(e_k)
+    in `dtype`; A, Q_k and U0 are then kept in U0's dtype (all d_in pairs if k is None, else top-k)."""
     d_in = G.shape[-1]
-    if not 1 <= k <= d_in:
+    if k is not None and not 1 <= k <= d_in:
         raise ValueError(f"rank k={k} must be in [1, {d_in}]")
-    e_k, Q_k = e[..., :k].contiguous(), Q[..., :k].contiguous()
-    A = C @ Q_k - (U0 @ Q_k) * e_k.unsqueeze(-2)
-    return SpectralStats(e=e_k, Q=Q_k, trace_over_d=trace_over_d, k=k, U0=U0, A=A)
+    work = U0.dtype
+    G, C, U0w = G.to(dtype), C.to(dtype), U0.to(dtype)
+    trace_over_d = torch.diagonal(G, dim1=-2, dim2=-1).sum(-1) / d_in
+    e, Q = eigen_factor(G)
+    if k is not None:
+        e, Q = e[..., :k].contiguous(), Q[..., :k].contiguous()
+    A = C @ Q - (U0w @ Q) * e.unsqueeze(-2)
+    return SpectralStats(e=e, Q=Q.to(work), trace_over_d=trace_over_d, U0=U0, A=A.to(work), k=k)
 
 
 def solve_dense(G: torch.Tensor, C: torch.Tensor, U0: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Local files and Hub ranges differ only in how bytes are fetched, so both hand this module a reader
 and get the same checks and the same one-line errors: a header that does not fit the file, invalid
 JSON, a malformed entry, an unreadable dtype, offsets outside the data section, a byte span that
-disagrees with dtype x shape. Catching these from the header means a truncated or corrupt file is
-refused before any weight is merged.
+disagrees with dtype x shape, two tensors whose bytes overlap. Catching these from the header means
+a truncated or corrupt file is refused before any weight is merged.
 """
 from __future__ import annotations
 
@@ -70,4 +70,11 @@ def parse_header(
                 f"data_offsets span {end - start}"
             )
         out[name] = (info, data_start + start, data_start + end)
+    spans = sorted((a, b, name) for name, (_, a, b) in out.items() if b > a)
+    for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
+        if a1 < b0:  # two tensors sharing bytes: writing one would silently change the other
+            raise BmmError(
+                f"{bad}: tensors '{n0}' and '{n1}' overlap (data_offsets [{a0 - data_start}, {b0 - data_start}] "
+                f"and [{a1 - data_start}, {b1 - data_start}])"
+            )
     return out

@@ -14,12 +14,16 @@ through huggingface_hub's session, coalescing adjacent tensors of one file into 
 - Faults: 5xx/408/429, timeouts, dropped connections, short bodies and wrong ranges are retried with
   exponential backoff, continuing a partial transfer from the first missing byte; 401/403/404 and a
   missing revision end with a BmmError naming the repo (and file).
+- Integrity: the bytes handed to the merge are hashed per file and, before the output is presented
+  as complete, `verify()` compares each weight file with the sha256 and size the Hub records (LFS
+  metadata of the pinned commit); a tensor read twice must be byte-identical.
 - HF_HUB_OFFLINE=1: works from the Hugging Face cache (a full safetensors file there is read
   directly, online too); what is not cached is a clear error. The token comes from huggingface_hub
   (`token=` or HF_TOKEN / the saved login) and is never logged or written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -146,6 +150,23 @@ def _remove_stale_spools(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+class _FileHash:
+    """sha256 of one repo file, fed with the bytes the merge used: a range that reaches the end of the
+    hashed prefix extends it, so reads in file order cost no extra transfer, and `HubSource.verify`
+    only fetches what was skipped."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.pos = 0
+        self.lock = threading.Lock()
+
+    def feed(self, start: int, chunk) -> None:
+        with self.lock:
+            if start <= self.pos < start + len(chunk):
+                self.h.update(memoryview(chunk)[self.pos - start :])
+                self.pos = start + len(chunk)
+
+
 def _tensor_from(buf: bytearray, info: TensorInfo) -> torch.Tensor:
     dt = ST_TO_TORCH[info.dtype]
     if info.numel == 0:
@@ -198,6 +219,9 @@ class HubSource:
         self._spool_root = root
         self._spool: Path | None = None  # created on first prefetch
         self._config: dict | None = None
+        self._recorded: dict[str, tuple[str, int]] = {}  # file -> the Hub's LFS (sha256, size)
+        self._hashes: dict[str, _FileHash] = {}
+        self._digests: dict[str, bytes] = {}  # tensor -> sha256 of the bytes first used
 
         self.revision, self._files = self._resolve()
         self._local: dict[str, Path] = {}  # weight files found complete in the HF cache
@@ -305,6 +329,9 @@ class HubSource:
                     ref.write_text(info.sha)
             except OSError:
                 pass  # a read-only cache only costs offline resolution of the branch name
+        self._recorded = {
+            s.rfilename: (s.lfs.sha256, int(s.lfs.size)) for s in (info.siblings or []) if s.lfs is not None
+        }
         return info.sha, {s.rfilename: (s.size if s.size is not None else -1) for s in (info.siblings or [])}
 
     def _download(self, filename: str) -> Path:
@@ -364,7 +391,16 @@ class HubSource:
 
     def _read_header(self, fn: str) -> dict[str, tuple[TensorInfo, int, int]]:
         size = self._files.get(fn, -1)
-        return parse_header(self._where(fn), lambda a, b: self._read_bytes(fn, a, b), size if size >= 0 else None)
+        got: list[bytearray] = []  # contiguous reads from byte 0
+
+        def read(a: int, b: int) -> bytearray:
+            got.append(self._read_bytes(fn, a, b))
+            return got[-1]
+
+        entries = parse_header(self._where(fn), read, size if size >= 0 else None)
+        head = b"".join(got)
+        self._hasher(fn).feed(0, head[: 8 + int.from_bytes(head[:8], "little")])  # the header, not the data probed
+        return entries
 
     # ---- byte transfer ---------------------------------------------------------------------
     def _read_bytes(self, fn: str, start: int, end: int) -> bytearray:
@@ -427,6 +463,48 @@ class HubSource:
                 if not _is_transient(e) or attempt > self.max_retries:
                     raise self._error(e, fn, attempt) from None
                 self._backoff(attempt)
+
+    # ---- integrity -------------------------------------------------------------------------
+    def _hasher(self, fn: str) -> _FileHash:
+        with self._cv:
+            return self._hashes.setdefault(fn, _FileHash())
+
+    def _account(self, name: str, fn: str, start: int, buf) -> None:
+        """Bytes handed to the merge: they extend the file's sha256, and a tensor read again (a prepass,
+        a resumed unit) must be byte-identical to its first read, which the file hash covers."""
+        digest = hashlib.sha256(buf).digest()
+        with self._cv:
+            first = self._digests.setdefault(name, digest)
+        if first != digest:
+            raise BmmError(f"{self._where(fn)}: tensor '{name}' read twice with different bytes (corrupted in "
+                           f"transit or changed on the server); rerun to fetch it again")
+        self._hasher(fn).feed(start, buf)
+
+    def verify(self) -> None:
+        """Check each weight file against the sha256 and size the Hub records for it (LFS files).
+
+        Why: a header can be valid while tensor bytes were corrupted in transit or changed under a
+        pinned name; the merge must not present such an output as complete. The header and the
+        tensors used in file order were hashed as they came; the rest of the file is fetched once more
+        here, one tensor at a time (a tensor used out of order must match its first read). Files the
+        Hub lists without LFS metadata (offline runs, non-LFS files) are not checked. A resumed run
+        checks the bytes it used itself."""
+        for fn in sorted({loc[0] for loc in self._loc.values()}):
+            if fn not in self._recorded:
+                continue
+            sha, size = self._recorded[fn]
+            hasher = self._hasher(fn)
+            spans = sorted((a, b, n) for n, (f, a, b) in self._loc.items() if f == fn and a >= hasher.pos and b > a)
+            for a, b, n in spans + [(size, size, None)]:
+                if hasher.pos < a:  # padding between tensors, or past the last one
+                    hasher.feed(hasher.pos, self._read_bytes(fn, hasher.pos, a))
+                if n is not None:
+                    self._account(n, fn, a, self._read_bytes(fn, a, b))
+            if hasher.pos != size or hasher.h.hexdigest() != sha:
+                raise BmmError(
+                    f"{self._where(fn)}: the bytes read do not match the Hub's recorded sha256 {sha[:16]}... "
+                    f"of {size} bytes (corrupted in transit or changed on the server); rerun to fetch them again"
+                )
 
     # ---- TensorSource ----------------------------------------------------------------------
     def tensor_infos(self) -> dict[str, TensorInfo]:
@@ -513,6 +591,7 @@ class HubSource:
                 raise BmmError(f"{self._where(fn)}: spooled tensor '{name}' has {got} bytes, expected {end - start}")
         if len(buf) != end - start:
             raise BmmError(f"{self._where(fn)}: tensor '{name}' read {len(buf)} bytes, header says {end - start}")
+        self._account(name, fn, start, buf)
         return _tensor_from(buf, info)
 
     def release(self, names: list[str]) -> None:

@@ -52,6 +52,9 @@ def find_weight_files(folder: Path) -> list[Path]:
             shard_names = list(dict.fromkeys(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BmmError(f"{index}: not a valid safetensors index ({e})") from e
+        outside = [s for s in shard_names if Path(s).is_absolute() or ".." in Path(s).parts]
+        if outside:  # the index must not make us read (or report on) files outside the model folder
+            raise BmmError(f"{index}: names shard '{outside[0]}' outside the model folder; refusing to read it")
         shards = [folder / s for s in shard_names]
         missing = [s.name for s in shards if not s.is_file()]
         if missing:

@@ -9,6 +9,7 @@ import logging
 
 from bmmstream.errors import BmmError
 from bmmstream.sources.base import TensorInfo, TensorSource
+from bmmstream.sources.vocab import base_view_infos, extended_rows, fewer_rows_problem, vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +74,29 @@ def tensor_problems(base: dict[str, TensorInfo], other: dict[str, TensorInfo]) -
 def validate_sources(
     base: TensorSource, experts: list[TensorSource], extra: list[TensorSource] = ()
 ) -> None:
-    """Raise one BmmError listing every mismatch between the inputs and the base.
+    """Raise one BmmError listing every mismatch between the inputs and the base (a base without
+    config.json is refused first: nothing can be planned or written without it).
 
     Floating tensors may differ in dtype (they are converted on read; logged). Non-floating
     tensors (int buffers, masks) must have exactly the base's dtype.
     """
     base_infos = base.tensor_infos()
     base_cfg = base.config()
+    if not base_cfg:  # the layers, the families' groups and the output's config.json all come from it
+        raise BmmError(f"{base.id}: the base model has no config.json (needed to plan the merge and to write the merged model)")
     problems: list[str] = []
     labelled = [("expert", s) for s in experts] + [("input", s) for s in extra]
     for role, src in labelled:
         label = f"{role} '{src.id}'"
-        found = config_problems(base_cfg, src.config())
-        tp, cast = tensor_problems(base_infos, src.tensor_infos())
+        cfg, infos = src.config(), src.tensor_infos()
+        if role == "expert" and extended_rows(base_cfg, base_infos, cfg, infos) is not None:
+            # added tokens (sources/vocab.py): the rest is checked through the base's rows
+            cfg = {k: v for k, v in cfg.items() if k != "vocab_size"}
+            infos = base_view_infos(base_infos, infos, vocab_size(base_cfg))
+        fewer = fewer_rows_problem(base_cfg, cfg) if role == "expert" else None
+        found = [fewer if fewer and p.startswith("config.json vocab_size ") else p
+                 for p in config_problems(base_cfg, cfg)]
+        tp, cast = tensor_problems(base_infos, infos)
         problems += [f"{label}: {p}" for p in found + tp]
         if cast:
             log.info("%s: %d floating tensor(s) stored in another dtype than the base; converted on read",

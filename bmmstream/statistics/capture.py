@@ -175,7 +175,11 @@ class _HiddenStore:
 
 
 def _linear_names(layer: nn.Module) -> list[str]:
-    return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    """Linears whose input Gram is collected: nn.Linear and GPT-2's Conv1D (its input is x with
+    d_in columns too; only its weight is stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
 def _accumulate(x: torch.Tensor, mask: torch.Tensor, acc: list, dtype) -> None:

@@ -4,6 +4,8 @@ One group per module (named by its tensor name) holding its arrays (G, C, or inp
 stored as a single chunk, uncompressed (float statistics do not compress and compression would
 cost CPU on the hot path). A group's `complete` attribute is written after its arrays: a group
 without it was interrupted and is recomputed, which is the completion record resume relies on.
+bfloat16 (which numpy lacks) is stored as its int16 bit pattern with a `torch_dtype` attribute.
+The search's per-module spectral factors live here too, under `factor_key(name)`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+
+
+def factor_key(name: str) -> str:
+    """Group of a module's search factors (e, Q, A, U0 or the hybrid ends), next to its G and C."""
+    return f"{name}@factors"
 
 
 class StatsStore:
@@ -30,14 +37,28 @@ class StatsStore:
             del self._root[key]
         g = self._root.create_group(key)
         for name, t in arrays.items():
-            a = t.detach().to("cpu").numpy()
+            t = t.detach().to("cpu")
+            bf16 = t.dtype == torch.bfloat16
+            a = (t.view(torch.int16) if bf16 else t).numpy()
             arr = g.create_array(name, shape=a.shape, chunks=a.shape, dtype=a.dtype, compressors=None)
             arr[...] = a
+            if bf16:
+                arr.attrs["torch_dtype"] = "bfloat16"
         g.attrs.update({**(attrs or {}), "complete": True})
 
     def get(self, key: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         g = self._root[key]
-        return {name: torch.from_numpy(np.asarray(arr[...])).to(device) for name, arr in g.arrays()}
+        out = {}
+        for name, arr in g.arrays():
+            t = torch.from_numpy(np.asarray(arr[...]))
+            if arr.attrs.get("torch_dtype") == "bfloat16":
+                t = t.view(torch.bfloat16)
+            out[name] = t.to(device)
+        return out
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of a group's arrays as stored (uncompressed)."""
+        return sum(int(np.prod(arr.shape)) * arr.dtype.itemsize for _, arr in self._root[key].arrays())
 
     def mark_complete(self, key: str) -> None:
         """Completion record for a group filled piece by piece (e.g. one expert's Grams)."""

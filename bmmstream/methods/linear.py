@@ -1,0 +1,43 @@
+"""Linear merge: a weighted average of the models' weights (Wortsman et al., ICML 2022, "Model soups";
+mergekit `linear`, merge_methods/linear.py).
+
+merged = sum_t w_t W_t, divided by sum_t w_t when `normalize` (default true, as mergekit). Per-model
+`weight` w_t (default 1 here; mergekit requires it). The base model is not among the averaged models
+(mergekit averages the models listed; list the base among the experts to include it). In task-vector
+terms, with c = 1 (normalize) or sum_t w_t (no normalize):
+    U = merged - W_pre = sum_t w_t U_t / (normalize ? sum_t w_t : 1) + (c - 1) W_pre,
+computed in the compute dtype. Weights summing to 0 with `normalize` are refused (mergekit divides by 0).
+Every tensor kind is averaged alike, as in mergekit.
+"""
+from __future__ import annotations
+
+import torch
+
+from bmmstream.errors import BmmError
+from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
+
+
+@register
+class Linear(MergeMethod):
+    """Linear / model soup (Wortsman et al. 2022; mergekit `linear`): sum_t w_t W_t / sum_t w_t."""
+
+    name = "linear"
+    defaults = {"normalize": True}
+    tensor_parameters = {"weight": 1.0}
+
+    def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
+        super().__init__(params, seed=seed, models=models)
+        self.normalize = self.flag("normalize")
+        total = sum(float(p.get("weight", 1.0)) for _, p in self.models)
+        if self.normalize and self.models and abs(total) < 1e-8:
+            raise BmmError(
+                f"merge method 'linear': the per-model weights sum to {total:g}; "
+                f"cannot normalize by it (set normalize: false)"
+            )
+
+    def merge(self, inp: ModuleInput) -> torch.Tensor:
+        weights = self.model_weights(inp)
+        total = float(inp.deltas.shape[0]) if weights is None else float(weights.sum())
+        mixed = weighted_combination(inp.deltas, weights, self.normalize)
+        c = 1.0 if self.normalize else total
+        return mixed if c == 1.0 else mixed + (c - 1.0) * inp.base
