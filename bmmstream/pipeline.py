@@ -130,6 +130,30 @@ class Job:
         return self.out.with_name(self.out.name + ".partial")
 
 
+def plan_for(cfg: MergeConfig, base: TensorSource) -> Plan:
+    """The base checkpoint's plan with the config's blocks, refused in one line when they cannot be cut."""
+    blocks = cfg.parameters.get("blocks", 1)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise BmmError(f"parameters.blocks must be an integer >= 1, got {blocks!r}")
+    plan = build_plan(base.config(), base.tensor_infos(), blocks=blocks)
+    if blocks > max(plan.num_layers, 1):
+        raise BmmError(
+            f"parameters.blocks is {blocks}, but {cfg.base_model} has {plan.num_layers} layer(s) to cut into blocks"
+        )
+    return plan
+
+
+def build_method(cfg: MergeConfig, plan: Plan, parameters: dict | None = None) -> MergeMethod:
+    """The config's merge method (with `parameters` instead of the config's, e.g. a search's best point),
+    told the plan facts a method may need: SLERP's gradient over layers needs their number."""
+    method = get_method(cfg.merge_method, cfg.parameters if parameters is None else parameters, seed=cfg.seed,
+                        models=[(m.model, m.parameters) for m in cfg.models])
+    for m in (method, getattr(method, "anchor", None)):
+        if hasattr(m, "num_layers"):
+            m.num_layers = plan.num_layers
+    return method
+
+
 def prepare(
     config: dict | str | Path | MergeConfig,
     *,
@@ -167,19 +191,8 @@ def prepare(
         if vocab is not None:  # methods see the base's rows; the added rows are read aside
             base_infos = sources.base.tensor_infos()
             sources.experts = [vocab.view(e, t, base_infos) for t, e in enumerate(sources.experts)]
-        blocks = cfg.parameters.get("blocks", 1)
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-            raise BmmError(f"parameters.blocks must be an integer >= 1, got {blocks!r}")
-        plan = build_plan(sources.base.config(), sources.base.tensor_infos(), blocks=blocks)
-        if blocks > max(plan.num_layers, 1):
-            raise BmmError(
-                f"parameters.blocks is {blocks}, but {cfg.base_model} has {plan.num_layers} layer(s) to cut into blocks"
-            )
-        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed,
-                            models=[(m.model, m.parameters) for m in cfg.models])
-        for m in (method, getattr(method, "anchor", None)):  # SLERP's gradient over layers needs their number
-            if hasattr(m, "num_layers"):
-                m.num_layers = plan.num_layers
+        plan = plan_for(cfg, sources.base)
+        method = build_method(cfg, plan)
     except BaseException:
         sources.close()
         raise
@@ -491,10 +504,8 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
     try:
         validate_sources(sources.base, sources.experts)
         infos = sources.base.tensor_infos()
-        blocks = int(cfg.parameters.get("blocks", 1))
-        plan = build_plan(sources.base.config(), infos, blocks=blocks)
-        method = get_method(cfg.merge_method, cfg.parameters, seed=cfg.seed,
-                            models=[(m.model, m.parameters) for m in cfg.models])
+        plan = plan_for(cfg, sources.base)
+        method = build_method(cfg, plan)
     finally:
         sources.close()
     out_bytes = sum(

@@ -30,3 +30,11 @@ def test_plan_counts_the_statistics_the_run_stores(tiny_llama_suite, tmp_path, s
     linear = [m for m in rep["modules"] if m["kind"] == "linear"]
     expected = sum((m["shape"][1] ** 2 + m["shape"][0] * m["shape"][1]) * nbytes for m in linear)
     assert stored == expected == rep["estimate"]["stats_disk_bytes"]
+
+
+def test_plan_refuses_blocks_beyond_the_layers_like_the_merge(tiny_llama_suite):
+    cfg = _config(tiny_llama_suite, blocks=5)
+    expected = f"parameters.blocks is 5, but {tiny_llama_suite.base} has 2 layer(s) to cut into blocks"
+    with pytest.raises(bmmstream.errors.BmmError) as e:
+        bmmstream.plan_merge(cfg, device="cpu")
+    assert str(e.value) == expected

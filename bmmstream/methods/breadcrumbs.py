@@ -25,8 +25,8 @@ import math
 import torch
 
 from bmmstream.errors import BmmError
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
-from bmmstream.methods.ties import elect_and_mean
+from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.methods.ties import combine_sparse
 
 COMBINES = ("task_arithmetic", "ties")
 
@@ -89,8 +89,7 @@ class Breadcrumbs(MergeMethod):
     def masked(self, inp: ModuleInput) -> torch.Tensor:
         """The task vectors with each one's breadcrumbs mask applied."""
         count = int(inp.deltas.shape[0])
-        dens = self.model_values("density", float(self.params["density"]), count) or [float(self.params["density"])] * count
-        gam = self.model_values("gamma", float(self.params["gamma"]), count) or [float(self.params["gamma"])] * count
+        dens, gam = self.per_model("density", count), self.per_model("gamma", count)
         out = torch.empty_like(inp.deltas)
         for t in range(count):
             mask = breadcrumbs_mask(inp.deltas[t], dens[t], gam[t])
@@ -98,11 +97,7 @@ class Breadcrumbs(MergeMethod):
         return out
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
-        sparse, weights = self.masked(inp), self.model_weights(inp)
-        if self.combine == "ties":
-            merged = elect_and_mean(sparse, "positive", weights, self.normalize)
-        else:
-            merged = weighted_combination(sparse, weights, self.normalize)
+        merged = combine_sparse(self.masked(inp), self.model_weights(inp), self.normalize, self.combine == "ties")
         return self.scale * merged
 
 

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from bmmstream.errors import BmmError
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
-from bmmstream.methods.ties import elect_and_mean
+from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.methods.ties import combine_sparse
 
 COMBINES = ("task_arithmetic", "ties")
 
@@ -111,11 +111,8 @@ class Dare(MergeMethod):
         count = int(inp.deltas.shape[0])
         dens = self.model_values("density", self.density, count) or self.density
         sparse = dare_sparsify(inp.deltas, inp.spec.name, self.seed, dens, bool(self.params["rescale"]))
-        weights = self.model_weights(inp)
-        if self.params["combine"] == "ties":
-            merged = elect_and_mean(sparse, "majority", weights, self.normalize)
-        else:
-            merged = weighted_combination(sparse, weights, self.normalize)
+        merged = combine_sparse(sparse, self.model_weights(inp), self.normalize, self.params["combine"] == "ties",
+                                zero_sign="majority")
         return self.scale * merged
 
 

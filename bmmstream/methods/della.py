@@ -31,8 +31,8 @@ import torch
 
 from bmmstream.errors import BmmError
 from bmmstream.methods.dare import mask_key
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
-from bmmstream.methods.ties import elect_and_mean
+from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.methods.ties import combine_sparse
 
 RESCALES = ("probability", "l1", "none")
 
@@ -117,20 +117,14 @@ class Della(MergeMethod):
     def sparsified(self, inp: ModuleInput) -> torch.Tensor:
         """Each task vector pruned by MagPrune and rescaled."""
         count = int(inp.deltas.shape[0])
-        d0, e0 = float(self.params["density"]), float(self.params["epsilon"])
-        dens = self.model_values("density", d0, count) or [d0] * count
-        eps = self.model_values("epsilon", e0, count) or [e0] * count
+        dens, eps = self.per_model("density", count), self.per_model("epsilon", count)
         out = torch.empty_like(inp.deltas)
         for t in range(count):
             out[t] = magprune(inp.deltas[t], inp.spec.name, self.seed, t, dens[t], eps[t], self.params["rescale"])
         return out
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
-        sparse, weights = self.sparsified(inp), self.model_weights(inp)
-        if self.combine == "ties":
-            merged = elect_and_mean(sparse, "positive", weights, self.normalize)
-        else:
-            merged = weighted_combination(sparse, weights, self.normalize)
+        merged = combine_sparse(self.sparsified(inp), self.model_weights(inp), self.normalize, self.combine == "ties")
         return self.scale * merged
 
 

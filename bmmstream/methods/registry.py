@@ -170,6 +170,11 @@ class MergeMethod:
             )
         return [float(p.get(key, default)) for _, p in self.models]
 
+    def per_model(self, key: str, count: int) -> list[float]:
+        """Each model's value of tensor parameter `key`; the global parameter of that name where a model sets none."""
+        default = float(self.params[key])
+        return self.model_values(key, default, count) or [default] * count
+
     def model_weights(self, inp: "ModuleInput") -> torch.Tensor | None:
         """Per-model `weight` as a [T] tensor in the task vectors' dtype, or None when none is set."""
         w = self.model_values("weight", 1.0, int(inp.deltas.shape[0]))

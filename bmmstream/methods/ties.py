@@ -38,7 +38,7 @@ import torch
 
 from bmmstream.methods import magnitude_histogram as kernels
 from bmmstream.errors import BmmError
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
 
 THRESHOLDS = ("global", "per_tensor")
 
@@ -74,6 +74,16 @@ def elect_and_mean(
     w = weights.reshape((-1,) + (1,) * (trimmed.dim() - 1))
     divisor = torch.where(agree, w, torch.zeros_like(w)).sum(0)
     return selected.sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def combine_sparse(
+    sparse: torch.Tensor, weights: torch.Tensor | None, normalize: bool, consensus: bool, zero_sign: str = "positive"
+) -> torch.Tensor:
+    """mergekit's last step for sparsified task vectors: TIES sign consensus and (weighted) disjoint mean,
+    or without consensus the weighted sum (divided by the weights' sum if `normalize`)."""
+    if consensus:
+        return elect_and_mean(sparse, zero_sign, weights, normalize)
+    return weighted_combination(sparse, weights, normalize)
 
 
 def topk_mask_per_tensor(deltas: torch.Tensor, density: float | list[float]) -> torch.Tensor:
@@ -133,8 +143,7 @@ class Ties(MergeMethod):
 
     def densities(self, count: int) -> list[float]:
         """Per-task density: each model's own `density`, else the global one."""
-        d = float(self.params["density"])
-        return self.model_values("density", d, count) or [d] * count
+        return self.per_model("density", count)
 
     # -- pass 1: per-task magnitude histograms over the whole model ------------------------
     def prepass_observe(self, inp: ModuleInput) -> None:
