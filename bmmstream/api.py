@@ -25,15 +25,22 @@ def merge(
     run_dir: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    executor: str | dict | None = None,
+    workers: int | None = None,
+    address: str | None = None,
 ) -> Path:
     """Merge as the config says; resumes if `run_dir` holds an unfinished run of the same config.
-    Returns the merged model folder."""
+    Returns the merged model folder. `executor="ray"` (or {"kind": "ray", "workers": N, "address": A})
+    computes the units on N Ray workers (a local Ray, or the cluster at `address`); same output bytes.
+    Not part of the config on purpose: it changes where the work runs, not what the merge is."""
+    from bmmstream.executors import executor_spec
     from bmmstream.pipeline import execute, prepare
 
+    spec = executor_spec(executor, workers, address)
     with _disk_errors():
         job = prepare(config, out=out, run_dir=run_dir, device=device)
         try:
-            return execute(job, progress=progress)
+            return execute(job, progress=progress, executor=spec)
         finally:
             job.sources.close()
 
@@ -62,9 +69,9 @@ def status(run_dir: str | Path) -> dict:
 
 def plan_merge(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
     """Modules, groups, blocks and estimates of RAM, disk, FLOPs and time, before heavy work."""
-    from bmmstream.pipeline import plan_report
+    from bmmstream.search.run import plan_search
 
-    return plan_report(config, device=device)
+    return plan_search(config, device=device)  # the merge's report, plus the search's when there is one
 
 
 def search_merge(

@@ -63,6 +63,12 @@ def merge(
     device: str = DeviceOpt,
     max_disk: Optional[str] = typer.Option(None, "--max-disk", help="Hub streaming: bytes held on disk at once (e.g. 2GB)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    executor: str = typer.Option("local", "--executor", help="local, or ray: units computed by Ray workers "
+                                 "(pip install 'bmmstream[ray]'); same output bytes"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: the cluster's GPUs "
+                                          "for cuda, else 1)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto, or "
+                                          "HEAD_IP:6379 after `ray start --head`); default: a local Ray"),
 ):
     """Merge the models a config names; resumes if the run directory holds the same unfinished run."""
     from bmmstream.api import merge as _merge
@@ -78,7 +84,8 @@ def merge(
 
             run_dir = default_run_dir(cfg, str(config))
             _stop_on_signals(run_dir)  # the message names the run directory
-        path = _merge(cfg, out=out, run_dir=run_dir, device=device, progress=progress)
+        path = _merge(cfg, out=out, run_dir=run_dir, device=device, progress=progress,
+                      executor=executor, workers=workers, address=address)
     except BmmError as e:
         _fail(e)
     typer.echo(f"run directory: {run_dir}")
@@ -145,6 +152,15 @@ def plan(config: Path = typer.Argument(...), device: str = DeviceOpt, as_json: b
         f"time: ~{est['seconds']:.3g} s on {est['device']} "
         f"(measured {est['measured_flops_per_s'] / 1e9:.1f} GFLOP/s, assumed reads {est['assumed_read_bytes_per_s'] / 1e9:.1f} GB/s)"
     )
+    if "search" in rep:
+        se = rep["search"]
+        dev = _human(se["peak_device_bytes"]) if se.get("peak_device_bytes") else "-"
+        typer.echo(
+            f"search: statistics + factors on disk ~{_human(se['stats_disk_bytes'] + se['factor_disk_bytes'])}; "
+            f"peak host ~{_human(se['peak_host_bytes'])}, device ~{dev}; keep W_pre resident: {se['keep_base']} "
+            f"({se['keep_base_option']}); ~{se['trial_seconds_total']:.3g} s per trial before scoring "
+            f"(factors {se['factor_dtype']})"
+        )
 
 
 @app.command()

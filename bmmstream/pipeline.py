@@ -365,8 +365,10 @@ def model_card(job: Job) -> str:
     return "\n".join(lines)
 
 
-def execute(job: Job, *, progress: bool = True) -> Path:
-    """Run (or continue) a prepared job to completion; returns the output folder."""
+def execute(job: Job, *, progress: bool = True, executor=None) -> Path:
+    """Run (or continue) a prepared job to completion; returns the output folder.
+    `executor` (bmmstream.executors.ExecutorSpec, None: local): with kind `ray`, units are computed
+    by Ray workers and still written here in unit order, so the bytes and the resume rules are the same."""
     from bmmstream.output.writer import ShardWriter, copy_aux, disk_error, write_config, write_text_atomic
 
     run = job.run
@@ -396,17 +398,23 @@ def execute(job: Job, *, progress: bool = True) -> Path:
     keep = bool(job.cfg.parameters.get("keep_statistics", False))
     units = job.plan.units
     bar = tqdm(total=len(job.layout), desc=f"merge ({job.cfg.merge_method})", unit="tensor", disable=not progress)
+    remote = None  # Ray workers computing the units (bmmstream/executors/ray_units.py)
     try:
+        if executor is not None and executor.kind == "ray":
+            from bmmstream.executors.ray_units import RayUnits
+
+            remote = RayUnits(job, executor, [i for i, names in enumerate(units)
+                                              if not all(writer.done(n) for n in names)])
         for i, names in enumerate(units):
             todo = [n for n in names if not writer.done(n)]
             bar.update(len(names) - len(todo))
             if not todo:
                 continue
-            if i + 1 < len(units):
+            if remote is None and i + 1 < len(units):
                 for s in job.sources.all:
                     s.prefetch(units[i + 1])
             try:
-                merged = _merge_unit(job, names, store)
+                merged = remote.take(i) if remote is not None else _merge_unit(job, names, store)
             except OSError as e:  # the statistics store (reads of inputs fail as BmmError)
                 need = sum((sh[0] + sh[-1]) * sh[-1] for n, sh, _ in job.layout
                            if n in names and len(sh) == 2 and job.specs[n].kind == "linear")
@@ -429,6 +437,8 @@ def execute(job: Job, *, progress: bool = True) -> Path:
             trim_heap()
     finally:
         bar.close()
+        if remote is not None:
+            remote.close()
     writer.finalize()
     for src in job.sources.all:  # Hub files: the bytes merged must be the bytes the Hub recorded
         if hasattr(src, "verify"):

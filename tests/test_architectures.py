@@ -238,7 +238,7 @@ SCORER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("family", ["gpt2", "phi3", "mixtral", "vit"])
+@pytest.mark.parametrize("family", sorted(CASES))
 def test_search_searches_exactly_the_family_groups(tmp_path, monkeypatch, family):
     """Each block's searched rho keys are the plan's groups of that block; the resident trials write
     every weight where transformers holds it (GPT-2's Conv1D transposed, Mixtral's experts inside the

@@ -22,6 +22,7 @@ STAGES = {
     "methods": 5,
     "output": 6,
     "pipeline": 7,
+    "executors": 7,  # where units are computed (Ray): beside the pipeline it drives
     "search": 8,
     "api": 9,
     "cli": 9,
@@ -79,7 +80,7 @@ def test_package_root_is_only_entry_points():
     assert len(roots) <= 8, roots
     assert set(roots) <= {"__init__.py", "__main__.py", "api.py", "cli.py", "config.py", "errors.py",
                           "pipeline.py", "demo.py"}, roots
-    for sub in ("sources", "plan", "statistics", "solve", "methods", "output", "search"):
+    for sub in ("sources", "plan", "statistics", "solve", "methods", "output", "executors", "search"):
         doc = ast.get_docstring(ast.parse((PKG / sub / "__init__.py").read_text()))
         assert doc and "import" in doc, f"{sub}/__init__.py must say its job and what it may import"
 

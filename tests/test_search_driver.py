@@ -104,8 +104,8 @@ def test_optimizer_name_validation(tmp_path):
     with pytest.raises(BmmError) as ei:
         run_search(sp, quad, optimizer="zzqqxx", budget=3, run_dir=tmp_path)
     assert str(ei.value) == (
-        "search.optimizer: unknown optimizer 'zzqqxx'; use grid, random, or a nevergrad optimizer name "
-        "such as NGOpt, CMA, BO, TwoPointsDE, RandomSearch"
+        "search.optimizer: unknown optimizer 'zzqqxx'; use staged, paper_bo, grid, random, or a nevergrad "
+        "optimizer name such as NGOpt, CMA, BO, TwoPointsDE, RandomSearch"
     )
     with pytest.raises(BmmError, match=r"^search.budget must be an integer >= 1, got 0$"):
         run_search(sp, quad, optimizer="grid", budget=0, run_dir=tmp_path)
@@ -235,6 +235,8 @@ def _stripped_history(run_dir, name):
         ("NGOpt", 10, 1, 0, 6),  # killed in the search phase
         ("NGOpt", 8, 1, 1, 10),  # killed in the full-fidelity phase (8 proxy + 2nd full evaluation)
         ("CMA", 8, 2, 0, 4),  # batched asks, killed inside the second batch
+        ("staged", 24, 1, 0, 15),  # the default design, killed in its refinement stage
+        ("staged", 20, 3, 1, 17),  # staged, batched, killed in refinement (proxy), full phase after
     ],
 )
 def test_kill_and_resume_matches_uninterrupted(tmp_path, optimizer, budget, workers, use_proxy, kill_at):

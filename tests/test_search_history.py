@@ -76,3 +76,16 @@ def test_score_cache_persists_first_value(tmp_path):
     again = ScoreCache(tmp_path / "scores.jsonl")
     assert again.get("k1") == 0.5 and again.get("k2") == -1.0 and again.get("k3") is None
     assert len(again) == 2 and "k1" in again
+
+
+def test_score_cache_keeps_exact_per_row_scores(tmp_path):
+    c = ScoreCache(tmp_path / "scores.jsonl")
+    rows = [1 / 3, 0.0, 1.0]
+    c.put("k1", 4 / 9, rows, fidelity="full", seconds=0.123456789)
+    c.put("k1", 0.1, [0.0])  # ignored with its rows
+    c.put("k2", 0.5)
+    again = ScoreCache(tmp_path / "scores.jsonl")
+    assert again.rows("k1") == rows and again.get("k1") == 4 / 9  # not rounded to 6 digits
+    assert again.rows("k2") is None and again.rows("k3") is None
+    rec = json.loads((tmp_path / "scores.jsonl").read_text().splitlines()[0])
+    assert rec["seconds"] == 0.123457 and rec["rows"] == rows

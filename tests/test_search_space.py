@@ -165,3 +165,56 @@ def test_per_block_groups_shape_every_point():
     bad = {"blocks": [{"scale": 1.0, "rho": {"attn_in": 0.1}}, points[0]["blocks"][1]]}
     with pytest.raises(BmmError, match=r"^search point: block 0 'rho' lacks group\(s\) \['mlp_out'\]$"):
         sp.validate(bad)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_paper_presets_give_exactly_the_papers_ranges(blocks):
+    llm = SearchSpace.from_config({"preset": "paper_llm"}, num_blocks=blocks)
+    assert (llm.lam_mode, llm.damping_key, llm.num_blocks) == ("absolute", "lam", blocks)
+    assert llm.rho_range == (1e-3, 100.0) and llm.scale_range == (1.0, 1.3)
+    vit = SearchSpace.from_config({"preset": "paper_vit"}, num_blocks=blocks)
+    assert vit.lam_mode == "absolute" and vit.rho_range == (1e-4, 1.0) and vit.scale_range == (1.0, 1.3)
+    # log-uniform lam: the parametrization is a Log over exactly the range
+    p = llm.parametrization(seed=0)
+    lam = p["blocks"][0]["damping"]["mlp_out"]
+    assert type(lam).__name__ == "Log" and (lam.bounds[0].item(), lam.bounds[1].item()) == pytest.approx((1e-3, 100.0))
+    assert llm.dimension == blocks * 5
+    # a key beside the preset wins; rho_range would switch it to relative and is refused
+    over = SearchSpace.from_config({"preset": "paper_llm", "scale_range": [1.0, 1.1]}, num_blocks=1)
+    assert over.scale_range == (1.0, 1.1) and over.rho_range == (1e-3, 100.0)
+    with pytest.raises(BmmError, match=r"^search.preset: unknown preset 'paper'; known: \['paper_llm', 'paper_vit'\]$"):
+        SearchSpace.from_config({"preset": "paper"}, num_blocks=1)
+    with pytest.raises(BmmError, match=r"^search.preset: paper_vit searches absolute lam; give lam_range to change it, "
+                                       r"not rho_range$"):
+        SearchSpace.from_config({"preset": "paper_vit", "rho_range": [1e-3, 1]}, num_blocks=1)
+
+
+def test_lattice_covers_the_ranges_edges_included_and_holds_the_grid():
+    sp = SearchSpace(2, rho_range=(1e-4, 1.0), scale_range=(1.0, 1.3))
+    lat = sp.lattice(9, 3)
+    assert len(lat) == 27 and all(p in lat for p in sp.grid(9))
+    rhos = sorted({p["blocks"][1]["rho"]["mlp_in"] for p in lat})
+    assert rhos[0] == 1e-4 and rhos[-1] == 1.0
+    assert all(math.isclose(math.log10(b) - math.log10(a), 0.5, abs_tol=1e-5) for a, b in zip(rhos, rhos[1:]))
+    assert sorted({p["blocks"][0]["scale"] for p in lat}) == [1.0, 1.15, 1.3]
+    for p in lat:  # shared: one damping and one scale for every group and block
+        assert len({v for b in p["blocks"] for v in b["rho"].values()}) == 1
+        assert len({b["scale"] for b in p["blocks"]}) == 1
+    assert sp.lattice(4, 1) == sp.grid(4)
+
+
+def test_coordinates_and_moves():
+    sp = SearchSpace(2, block_groups=[("attn_in",), ("attn_in", "mlp_out")], rho_range=(1e-4, 1.0))
+    assert sp.coordinates() == [("scale", 0, None), ("damping", 0, "attn_in"), ("scale", 1, None),
+                                ("damping", 1, "attn_in"), ("damping", 1, "mlp_out")]
+    assert sp.tied_coordinates() == [("scale", None, None), ("damping", None, "attn_in"), ("damping", None, "mlp_out")]
+    p = sp.shared_point(1e-2, 1.15)
+    q = sp.moved(p, ("damping", 1, "mlp_out"), 0.25)  # a quarter of four decades: one decade up
+    assert q["blocks"][1]["rho"]["mlp_out"] == pytest.approx(0.1) and q["blocks"][0] == p["blocks"][0]
+    t = sp.moved(p, ("damping", None, "attn_in"), -1.0)  # clipped to the low edge, every block
+    assert [b["rho"]["attn_in"] for b in t["blocks"]] == [1e-4, 1e-4]
+    s = sp.moved(p, ("scale", None, None), 5.0)
+    assert [b["scale"] for b in s["blocks"]] == [1.3, 1.3]
+    assert sp.unit_value(p, ("scale", 0, None)) == pytest.approx(0.5)
+    fixed = SearchSpace(1, scale_range=(1.0, 1.0))
+    assert [c[0] for c in fixed.coordinates()] == ["damping"] * 4 and fixed.tied_coordinates() == []

@@ -124,9 +124,14 @@ def estimate_report(
 
 
 # -- `bmm search` (issue 12): out-of-core search memory, statistics store and time per trial -------
-RUNTIME_BYTES = 560 * 2**20  # python + torch + transformers + zarr + nevergrad after imports (bench/search_memory.py)
+# python + torch + transformers + zarr + nevergrad (470 MiB after imports) plus what the statistics pass
+# holds beyond the terms below: peak RSS minus them at hidden 512, 4 and 16 layers (bench/search_memory.py)
+RUNTIME_BYTES = 700 * 2**20
 FACTOR_READ_BANDWIDTH = 1.5e9  # bytes/s reading factors back from the Zarr store (page cache; measured, hidden 512)
-MEMORY_BANDWIDTH = 4e9  # bytes/s of elementwise passes on the compute device (assumed; 2 shared CPU cores)
+# bytes/s of the assembly's elementwise passes, first touch of W_pre's mapped pages included (cpu: measured
+# 0.5-1.4e9 on 2 shared cores at hidden 512 while the prefetch thread competes, 13e9 at hidden 2048;
+# cuda: assumed H100-class)
+MEMORY_BANDWIDTH = {"cpu": 2.0e9, "cuda": 1.5e12}
 
 
 def search_estimate(
@@ -191,7 +196,8 @@ def search_estimate(
     working = max(stats_ws, trial_ws)
     on_device = device.type != "cpu"
     stream = factor_disk / FACTOR_READ_BANDWIDTH + (0 if keep_base else base_bytes / READ_BANDWIDTH)
-    seconds = {"stream": stream, "resolve": resolve_flops / flops_per_s, "assemble": assemble_bytes / MEMORY_BANDWIDTH,
+    bandwidth = MEMORY_BANDWIDTH.get(device.type, MEMORY_BANDWIDTH["cpu"])
+    seconds = {"stream": stream, "resolve": resolve_flops / flops_per_s, "assemble": assemble_bytes / bandwidth,
                "score": proxy_flops / flops_per_s}
     return {
         "keep_base": keep_base,
@@ -203,5 +209,5 @@ def search_estimate(
         "trial_seconds": seconds,
         "trial_seconds_total": float(sum(seconds.values())),
         "assumed": {"runtime_bytes": RUNTIME_BYTES, "factor_read_bytes_per_s": FACTOR_READ_BANDWIDTH,
-                    "memory_bytes_per_s": MEMORY_BANDWIDTH, "flops_per_s": flops_per_s},
+                    "memory_bytes_per_s": bandwidth, "flops_per_s": flops_per_s},
     }

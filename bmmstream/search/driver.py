@@ -1,9 +1,12 @@
 """The outer search loop: ask a point, score it (or take its cached score), tell, record; resumable.
 
 `run_search` knows nothing about models: `evaluate(params) -> float` (higher is better) is given by
-the caller, who applies the point to a resident merged model and scores it. The loop:
+the caller, who applies the point to a resident merged model and scores it; it may also return
+`(score, rows)` or `{"score": ..., "rows": [...]}` with per-row scores, which the staged design uses
+to estimate validation noise (they are kept in the history and the score cache). The loop:
 
-1. asks `num_workers` points from the optimiser (nevergrad, or the `grid` / `random` baselines),
+1. asks up to `num_workers` points from the optimiser (`staged`, the default, see design.py;
+   nevergrad; `paper_bo`, GP-based BO with expected improvement; the `grid` / `random` baselines),
 2. for each: replays it from the history (resume), or takes its score from the score cache, or
    evaluates it (`proxy_evaluate` if given, else `evaluate`), stores the score in the cache at once,
 3. appends the batch to the history in trial order, then tells the optimiser (nevergrad minimises,
@@ -34,12 +37,14 @@ import numpy as np
 
 from bmmstream.errors import BmmError
 from bmmstream.output.writer import write_json_atomic
+from bmmstream.search.design import DesignOptions, StagedAsker
 from bmmstream.search.history import History, ScoreCache, Trial, cache_key
 from bmmstream.search.space import SearchSpace
 
 log = logging.getLogger("bmmstream.search")
 
 BASELINES = ("grid", "random")
+DESIGNS = ("staged", "paper_bo")  # our own names beside nevergrad's
 
 
 @dataclass
@@ -59,8 +64,15 @@ class _Asker:
     def ask(self) -> tuple[Any, dict]:
         raise NotImplementedError
 
-    def tell(self, handle: Any, score: float) -> None:
+    def ask_batch(self, n: int) -> list[tuple[Any, dict]]:
+        return [self.ask() for _ in range(n)]
+
+    def tell(self, handle: Any, score: float, rows: list[float] | None = None, params: dict | None = None) -> None:
         pass
+
+    def eligible(self, params: dict) -> bool:
+        """Whether a point may be the search's choice (the staged design's noise guard)."""
+        return True
 
     def close(self) -> None:
         pass
@@ -92,7 +104,7 @@ def optimizer_names() -> list[str]:
 
 def check_optimizer(name: str) -> None:
     """BmmError naming close matches when `name` is neither a baseline nor a nevergrad optimiser."""
-    if name in BASELINES:
+    if name in BASELINES or name in DESIGNS:
         return
     names = optimizer_names()
     if name in names:
@@ -100,8 +112,8 @@ def check_optimizer(name: str) -> None:
     close = difflib.get_close_matches(name, names, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise BmmError(
-        f"search.optimizer: unknown optimizer '{name}'{hint}; use grid, random, or a nevergrad "
-        f"optimizer name such as NGOpt, CMA, BO, TwoPointsDE, RandomSearch"
+        f"search.optimizer: unknown optimizer '{name}'{hint}; use staged, paper_bo, grid, random, or a "
+        f"nevergrad optimizer name such as NGOpt, CMA, BO, TwoPointsDE, RandomSearch"
     )
 
 
@@ -110,15 +122,16 @@ class _NevergradAsker(_Asker):
         import nevergrad as ng
 
         self.space = space
-        self.opt = ng.optimizers.registry[name](
-            parametrization=space.parametrization(seed), budget=budget, num_workers=num_workers
-        )
+        # paper_bo: the paper's outer optimiser, a GP with expected improvement (bayes_opt backend)
+        family = (ng.optimizers.ParametrizedBO(utility_kind="ei") if name == "paper_bo"
+                  else ng.optimizers.registry[name])
+        self.opt = family(parametrization=space.parametrization(seed), budget=budget, num_workers=num_workers)
 
     def ask(self):
         cand = self.opt.ask()
         return cand, self.space.to_params(cand.value)
 
-    def tell(self, handle, score):
+    def tell(self, handle, score, rows=None, params=None):
         self.opt.tell(handle, -score if math.isfinite(score) else math.inf)
 
     def close(self):
@@ -148,7 +161,9 @@ def _nevergrad_version() -> str:
     return str(getattr(ng, "__version__", "unknown"))
 
 
-def _make_asker(space, optimizer, budget, seed, num_workers) -> _Asker:
+def _make_asker(space, optimizer, budget, seed, num_workers, design: DesignOptions | None = None):
+    if optimizer == "staged":
+        return StagedAsker(space, budget, seed, design)
     if optimizer == "grid":
         return _GridAsker(space, budget)
     if optimizer == "random" or space.dimension == 0:  # nothing to search: every ask is the one point
@@ -175,19 +190,35 @@ class _Scorer:
     def key(self, params: dict) -> str:
         return cache_key(params, self.scorer_id, self.data_hash, self.context)
 
-    def run(self, params: dict) -> tuple[float, float]:
-        """Evaluate for real (no cache lookup); store the score in the cache at once."""
+    def run(self, params: dict) -> tuple[float, float, list[float] | None]:
+        """Evaluate for real (no cache lookup); store the score (and rows) in the cache at once."""
         t0 = time.perf_counter()
-        raw = self.fn(params)
-        try:
-            score = float(raw)
-        except (TypeError, ValueError):
-            raise BmmError(f"search: the {self.fidelity} scorer returned {raw!r}, expected a number") from None
+        score, rows = split_score(self.fn(params), self.fidelity)
         seconds = time.perf_counter() - t0
         with self._lock:
             self.evaluations += 1
-            self.cache.put(self.key(params), score, fidelity=self.fidelity, scorer=self.scorer_id, seconds=seconds)
-        return score, seconds
+            self.cache.put(self.key(params), score, rows, fidelity=self.fidelity, scorer=self.scorer_id,
+                           seconds=seconds)
+        return score, seconds, rows
+
+
+def split_score(raw: Any, fidelity: str = "full") -> tuple[float, list[float] | None]:
+    """A scorer's answer -> (score, per-row scores or None): a number, (score, rows) or
+    {"score": score, "rows": rows}."""
+    rows = None
+    if isinstance(raw, dict) and "score" in raw:
+        raw, rows = raw["score"], raw.get("rows")
+    elif isinstance(raw, (tuple, list)) and len(raw) == 2:
+        raw, rows = raw
+    try:
+        score = float(raw)
+    except (TypeError, ValueError):
+        raise BmmError(f"search: the {fidelity} scorer returned {raw!r}, expected a number") from None
+    try:
+        rows = None if rows is None else [float(r) for r in rows]
+    except (TypeError, ValueError):
+        raise BmmError(f"search: the {fidelity} scorer's per-row scores are not a list of numbers") from None
+    return score, rows
 
 
 def _score_batch(
@@ -212,7 +243,9 @@ def _score_batch(
         key = scorer.key(params)
         score = scorer.cache.get(key)
         if score is not None:
-            out[idx] = Trial(idx, phase, params, scorer.fidelity, score, 0.0, cached=True, key=key)
+            rows = scorer.cache.rows(key)
+            out[idx] = Trial(idx, phase, params, scorer.fidelity, score, 0.0, cached=True, key=key,
+                             extra={"rows": rows} if rows is not None else {})
         else:
             todo.setdefault(key, []).append((idx, phase, params))
     groups = list(todo.items())
@@ -220,10 +253,10 @@ def _score_batch(
         results = list(pool.map(lambda g: scorer.run(g[1][0][2]), groups))
     else:
         results = [scorer.run(g[1][0][2]) for g in groups]
-    for (key, members), (score, seconds) in zip(groups, results):
+    for (key, members), (score, seconds, rows) in zip(groups, results):
         for n, (idx, phase, params) in enumerate(members):  # duplicates in one batch: evaluated once
             out[idx] = Trial(idx, phase, params, scorer.fidelity, score, seconds if n == 0 else 0.0,
-                             cached=n > 0, key=key)
+                             cached=n > 0, key=key, extra={"rows": rows} if rows is not None else {})
     trials = [out[idx] for idx, _, _ in points]
     for t in trials:
         if t.trial == len(history):
@@ -239,7 +272,7 @@ def run_search(
     space: SearchSpace,
     evaluate: Callable[[dict], float],
     *,
-    optimizer: str = "NGOpt",
+    optimizer: str = "staged",
     budget: int,
     seed: int = 0,
     run_dir: str | Path,
@@ -251,11 +284,14 @@ def run_search(
     data_hash: str = "",
     context: str = "",
     write_report: bool = True,
+    design: dict | DesignOptions | None = None,
 ) -> SearchResult:
     """Maximise `evaluate(point)` over `space` with `budget` trials; resumable from `run_dir`.
 
-    - optimizer: "grid" (one shared damping on a log grid of `budget` points, scale 1.0), "random"
-      (seeded uniform / log-uniform sampling) or any key of `nevergrad.optimizers.registry`.
+    - optimizer: "staged" (shared lattice, then noise-guarded per-group refinement; `design` holds
+      its options, see `DesignOptions`), "paper_bo" (GP BO with expected improvement), "grid" (one
+      shared damping on a log grid of `budget` points, scale 1.0), "random" (seeded uniform /
+      log-uniform sampling) or any key of `nevergrad.optimizers.registry`.
     - proxy_evaluate: a cheap scorer used for every search trial; then the `full_top_k` best distinct
       points are re-scored with `evaluate` and the final choice is the best full score.
     - scorer_id / proxy_scorer_id / data_hash / context: identify what a score means; they key the
@@ -271,6 +307,9 @@ def run_search(
     if full_top_k < 0:
         raise BmmError(f"search.full_top_k must be >= 0, got {full_top_k}")
     check_optimizer(optimizer)
+    if design is not None and optimizer != "staged":
+        raise BmmError(f"search.design: options of the staged design given, but the optimizer is {optimizer!r}")
+    opts = design if isinstance(design, DesignOptions) else DesignOptions.from_config(design)
     use_proxy = proxy_evaluate is not None
     meta = {
         "optimizer": optimizer, "budget": budget, "seed": seed, "num_workers": num_workers,
@@ -278,6 +317,8 @@ def run_search(
         "proxy_scorer_id": proxy_scorer_id if use_proxy else None,
         "full_top_k": full_top_k if use_proxy else 0,
     }
+    if optimizer == "staged":  # only here, so the ids of other optimisers' searches stay as they were
+        meta["design"] = opts.signature()
     root = Path(run_dir) / "search"
     search_dir = root / _search_id(meta)
     search_dir.mkdir(parents=True, exist_ok=True)
@@ -289,18 +330,18 @@ def run_search(
     if len(history):
         log.info("search %s: resuming after %d recorded trials", search_dir.name, len(history))
 
-    asker = _make_asker(space, optimizer, budget, seed, num_workers)
+    asker = _make_asker(space, optimizer, budget, seed, num_workers, opts)
     pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 1 else None
     try:
         search_trials: list[Trial] = []
         while len(search_trials) < budget:
             n = min(num_workers, budget - len(search_trials))
-            asked = [asker.ask() for _ in range(n)]
+            asked = asker.ask_batch(n)
             start = len(search_trials)
             points = [(start + j, "search", params) for j, (_, params) in enumerate(asked)]
             batch = _score_batch(points, proxy, history, pool)
             for (handle, _), t in zip(asked, batch):
-                asker.tell(handle, t.score)
+                asker.tell(handle, t.score, t.extra.get("rows"), t.params)
                 log.info("trial %d/%d %s score %.6g%s", t.trial + 1, budget, t.fidelity, t.score,
                          " (cached)" if t.cached else "")
             search_trials.extend(batch)
@@ -313,7 +354,7 @@ def run_search(
             ranked, seen = [], set()
             for t in sorted(search_trials, key=_rank_key):
                 k = json.dumps(t.params, sort_keys=True)
-                if k not in seen and math.isfinite(t.score):
+                if k not in seen and math.isfinite(t.score) and asker.eligible(t.params):
                     seen.add(k)
                     ranked.append(t)
             points = [(budget + r, "final", t.params) for r, t in enumerate(ranked[:full_top_k])]
@@ -323,7 +364,7 @@ def run_search(
             pool.shutdown()
 
     candidates = final_trials if use_proxy and full_top_k > 0 else search_trials
-    finite = [t for t in candidates if math.isfinite(t.score)]
+    finite = [t for t in candidates if math.isfinite(t.score) and asker.eligible(t.params)]
     if not finite:
         raise BmmError(f"search {search_dir.name}: no trial gave a finite score")
     best = min(finite, key=_rank_key)

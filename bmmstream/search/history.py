@@ -134,16 +134,29 @@ class ScoreCache:
     def __init__(self, path: str | Path):
         self.log = JsonlLog(path)
         self._scores: dict[str, float] = {}
+        self._rows: dict[str, list[float]] = {}
         for rec in self.log:
-            self._scores.setdefault(rec["key"], float(rec["score"]))
+            if rec["key"] not in self._scores:
+                self._scores[rec["key"]] = float(rec["score"])
+                if rec.get("rows") is not None:
+                    self._rows[rec["key"]] = [float(r) for r in rec["rows"]]
 
     def get(self, key: str) -> float | None:
         return self._scores.get(key)
 
-    def put(self, key: str, score: float, **info: Any) -> None:
+    def rows(self, key: str) -> list[float] | None:
+        """The per-row scores stored with a key's score (None when the scorer gave none); they let
+        a staged search estimate validation noise for cached points too."""
+        return self._rows.get(key)
+
+    def put(self, key: str, score: float, rows: list[float] | None = None, **info: Any) -> None:
         if key in self._scores:
             return
-        self.log.append({"key": key, "score": float(score), **canonical(info)})
+        rec = {"key": key, "score": float(score), **canonical(info)}
+        if rows is not None:
+            rec["rows"] = [float(r) for r in rows]  # exact: not rounded like the info fields
+            self._rows[key] = rec["rows"]
+        self.log.append(rec)
         self._scores[key] = float(score)
 
     def __contains__(self, key: str) -> bool:

@@ -35,9 +35,7 @@ from tqdm.auto import tqdm
 
 from bmmstream.errors import BmmError
 from bmmstream.solve.spectral import prepare as spectral_prepare
-from bmmstream.methods.registry import get_method
 from bmmstream.solve.closed_form import bmm_solve
-from bmmstream.statistics.grams import combine, hybrid_grams
 
 
 @dataclass
@@ -67,17 +65,16 @@ def _resident_model(job) -> torch.nn.Module:
     return model.to(job.device).eval()
 
 
-def _param_map(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+def _param_map(model: torch.nn.Module, names: list[str], transposed: set[str]) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name -> the model's parameter/buffer (or a view of it) that holds it.
 
     Found by name (allowing for a base-model prefix), else through transformers' own checkpoint
     conversion (>= 5: ViT's renamed modules; Mixtral's per-expert w1/w3/w2, which the model holds
-    as fused [E, ...] tensors: the view of expert e's slice). A Conv1D weight (GPT-2) is mapped as
-    its transposed view: trials write (d_out, d_in) matrices, the layout the pipeline gives methods,
-    and the view stores them as the module holds them. Tied parameters are found under either name."""
+    as fused [E, ...] tensors: the view of expert e's slice). A weight the plan marks `transposed`
+    (stored (d_in, d_out): GPT-2's Conv1D, Gemma 3's multimodal projector) is mapped as its transposed
+    view: trials write (d_out, d_in) matrices, the layout the pipeline gives methods, and the view
+    stores them as the model holds them. Tied parameters are found under either name."""
     import re
-
-    from transformers.pytorch_utils import Conv1D
 
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(dict(model.named_buffers()))
@@ -118,9 +115,7 @@ def _param_map(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tens
     for n in names:
         for cand in (n, n.removeprefix(prefix + "."), f"{prefix}.{n}"):
             if cand in own:
-                owner, _, attr = cand.rpartition(".")
-                conv = attr == "weight" and isinstance(model.get_submodule(owner), Conv1D)
-                out[n] = own[cand].detach().T if conv else own[cand]
+                out[n] = own[cand].detach().T if n in transposed else own[cand]
                 break
         else:
             t = converted(n)
@@ -142,7 +137,7 @@ def _collect(job, model, store, progress: bool) -> tuple[list[_Batch], dict[str,
     method = job.method
     hybrid = method.params["statistics"] == "hybrid"
     names = [n for unit in job.plan.units for n in unit]
-    params = _param_map(model, names)
+    params = _param_map(model, names, {m.name for m in job.plan.modules if m.transposed})
     per_shape: dict[tuple, list] = defaultdict(list)
     units = job.plan.units
     for i, unit in enumerate(tqdm(units, desc="search statistics", unit="unit", disable=not progress)):
@@ -253,13 +248,14 @@ class FactorOptions:
     dtype: storage dtype of Q and A ("compute": the run's compute dtype); e and trace(G) stay in
     the statistics dtype. Measured on the suites' task vectors (bench/search_memory.py storage):
     float32 costs <= 3e-8 relative error in U at 0.65x the float64 bytes, bfloat16 2e-3 at 0.48x,
-    so float32 is the default. energy: keep the top-k eigenpairs of G holding this fraction of
+    so the default "compute" stores float32 factors in a float32 run (the default) and float64 ones
+    in a float64 run, where a trial then scores exactly the model the final merge writes. energy: keep the top-k eigenpairs of G holding this fraction of
     trace(G) (None, the default: all d_in, exact); on low-rank + noise task vectors any energy
     target that drops the noise directions costs 2-7% error, as small-lam trials amplify them.
     keep_base: hold W_pre resident ("true") or stream it from the base checkpoint every trial
     ("false"); "auto" keeps it only on an accelerator with room to spare."""
 
-    dtype: str = "float32"
+    dtype: str = "compute"
     energy: float | None = None
     keep_base: str = "auto"
 
@@ -330,7 +326,7 @@ def _write_factors(job, model, store, opts: FactorOptions, keep_base: bool, prog
     method = job.method
     hybrid = method.params["statistics"] == "hybrid"
     units = job.plan.units
-    params = _param_map(model, [n for unit in units for n in unit])
+    params = _param_map(model, [n for unit in units for n in unit], {m.name for m in job.plan.modules if m.transposed})
     out_units: list[list[_Module]] = []
     base: dict[str, torch.Tensor] | None = {} if keep_base else None
     for i, unit in enumerate(tqdm(units, desc="search statistics", unit="unit", disable=not progress)):
@@ -435,10 +431,11 @@ class StreamedTrials:
 
         from bmmstream.methods.bmm import DEFAULT_RHO
         from bmmstream.solve.closed_form import lam_from_rho
+
         cost = TrialCost()
         if not self.units:
             return cost
-        blocks, key, dt = point["blocks"], self.key, self.job.cfg.compute_dtype
+        blocks, key = point["blocks"], self.key
         eps = float(point.get("eps", self.default_eps))
         src = self.job.sources.base
         with concurrent.futures.ThreadPoolExecutor(1) as pool, torch.no_grad():
@@ -553,9 +550,8 @@ def plan_search(config, device: str = "auto") -> dict:
     "search", the out-of-core search's estimates (statistics store on disk with the factors, peak
     host and device memory, seconds per trial) and whether W_pre is kept (headers only)."""
     from bmmstream.config import load_config
-    from bmmstream.pipeline import open_sources, plan_report, resolve_device
-    from bmmstream.plan.estimate import measure_flops, search_estimate
-    from bmmstream.plan.layout import build_plan
+    from bmmstream.pipeline import open_sources, plan_for, plan_report, resolve_device
+    from bmmstream.plan.estimate import search_estimate
 
     cfg = load_config(config)
     rep = plan_report(cfg, device=device)
@@ -567,7 +563,7 @@ def plan_search(config, device: str = "auto") -> dict:
     sources = open_sources(cfg, cache_dir=None)
     try:
         infos = sources.base.tensor_infos()
-        plan = build_plan(sources.base.config(), infos, blocks=int(cfg.parameters.get("blocks", 1)))
+        plan = plan_for(cfg, sources.base)
     finally:
         sources.close()
     cb = torch.empty((), dtype=cfg.compute_dtype).element_size()
@@ -611,7 +607,7 @@ def search_merge(
     from bmmstream.statistics.data_assisted import _tokenizer_dir, calibrate
     from bmmstream.statistics.calibration_data import load_tokenizer
     from bmmstream.config import load_config
-    from bmmstream.pipeline import default_run_dir, execute, prepare
+    from bmmstream.pipeline import build_method, default_run_dir, execute, prepare
     from bmmstream.search import SearchSpace, run_search
     from bmmstream.search.space import plan_groups
     from bmmstream.search.report import write_report
@@ -626,7 +622,7 @@ def search_merge(
         raise BmmError("search: the config has no 'search:' section")
     s = dict(cfg.search)
     known = {"optimizer", "budget", "seed", "rho_range", "lam_range", "scale_range", "eps_range", "scorer",
-             "full_top_k", "num_workers", "keep_base", "factors", "in_core"}
+             "full_top_k", "num_workers", "keep_base", "factors", "in_core", "preset", "design"}
     unknown = sorted(set(s) - known)
     if unknown:
         raise BmmError(f"search: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -677,7 +673,7 @@ def search_merge(
                     cost = apply(_with_fixed_groups(point, job.method, key))
                     t0 = time.perf_counter()
                     with torch.no_grad():
-                        score = float(scorer(model))
+                        score = scorer(model)  # a float, or (score, per-row scores) for the noise guard
                     cost.score_s = time.perf_counter() - t0
                     costs.add(point, fidelity, cost)
                     return score
@@ -687,12 +683,12 @@ def search_merge(
             ctx = hashlib.sha256(json.dumps({k: v for k, v in job.run.load()["config"].items() if k != "search"},
                                             sort_keys=True).encode()).hexdigest()[:16]
             result = run_search(
-                space, scored(full, "full"), optimizer=s.get("optimizer", "NGOpt"), budget=int(s.get("budget", 40)),
+                space, scored(full, "full"), optimizer=s.get("optimizer", "staged"), budget=int(s.get("budget", 40)),
                 seed=int(s.get("seed", cfg.seed)), run_dir=job.run.root,
                 proxy_evaluate=scored(proxy, "proxy") if proxy is not None else None,
                 full_top_k=int(s.get("full_top_k", 3)), num_workers=1,
                 scorer_id=full.id, proxy_scorer_id=proxy.id if proxy is not None else "proxy",
-                data_hash=full.data_hash, context=ctx, write_report=False,
+                data_hash=full.data_hash, context=ctx, write_report=False, design=s.get("design"),
             )
             write_report(result, job.run.root / "search-report")
             (job.run.root / "search-report" / "space.json").write_text(json.dumps(space_record, indent=2))
@@ -704,8 +700,7 @@ def search_merge(
             del model, apply, trials
             best = _with_fixed_groups(result.best_params, job.method, key)
             (job.run.root / "best_params.json").write_text(json.dumps(best, indent=2, sort_keys=True))
-            job.method = get_method("bmm", best_parameters(best, cfg.parameters, key), seed=cfg.seed,
-                                    models=[(m.model, m.parameters) for m in cfg.models])
+            job.method = build_method(cfg, job.plan, best_parameters(best, cfg.parameters, key))
             path = execute(job, progress=progress)
             return {"output": path, "best_params": best, "best_score": result.best_score,
                     "evaluations": result.evaluations, "report_dir": job.run.root / "search-report"}

@@ -83,6 +83,26 @@ def plan_groups(plan: Plan) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]
     return kept, dropped
 
 
+# The paper's search spaces (absolute lam, log-uniform; s uniform; B from the config's `blocks`).
+PRESETS: dict[str, dict[str, list[float]]] = {
+    "paper_llm": {"lam_range": [1e-3, 100.0], "scale_range": [1.0, 1.3]},
+    "paper_vit": {"lam_range": [1e-4, 1.0], "scale_range": [1.0, 1.3]},
+}
+
+
+def apply_preset(search: dict) -> dict:
+    """The `search:` section with its `preset` expanded; keys given beside the preset win, except
+    rho_range, which would silently switch the preset's absolute lam to relative and is refused."""
+    if "preset" not in search:
+        return dict(search)
+    name = search["preset"]
+    if name not in PRESETS:
+        raise BmmError(f"search.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    if "rho_range" in search:
+        raise BmmError(f"search.preset: {name} searches absolute lam; give lam_range to change it, not rho_range")
+    return {**PRESETS[name], **{k: v for k, v in search.items() if k != "preset"}}
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """B blocks x (scale, one damping per group), plus eps when statistics are hybrid.
@@ -135,8 +155,9 @@ class SearchSpace:
     @classmethod
     def from_config(cls, search: dict, *, num_blocks: int, hybrid: bool = False,
                     block_groups: list[tuple[str, ...]] | None = None) -> "SearchSpace":
-        """Build from the config's `search:` section (rho_range or lam_range, scale_range, eps_range);
-        `block_groups`: the groups to search per block (`plan_groups`), default all four everywhere."""
+        """Build from the config's `search:` section (preset, rho_range or lam_range, scale_range,
+        eps_range); `block_groups`: the groups to search per block (`plan_groups`), default all four."""
+        search = apply_preset(search)
         if "rho_range" in search and "lam_range" in search:
             raise BmmError("search: give rho_range (relative lam) or lam_range (absolute lam), not both")
         kw: dict[str, Any] = {"num_blocks": num_blocks, "hybrid": hybrid}
@@ -224,15 +245,88 @@ class SearchSpace:
             out["eps"] = self.eps_default
         return canonical(out)
 
+    def grid_dampings(self, n: int) -> list[float]:
+        """n dampings log-spaced over the range end to end (the geometric middle if n == 1)."""
+        lo, hi = self.rho_range
+        return [math.sqrt(lo * hi)] if n == 1 else [float(v) for v in np.geomspace(lo, hi, n)]
+
     def grid(self, n: int) -> list[dict]:
         """n shared dampings, log-spaced over the range end to end (the geometric middle if n == 1)."""
-        lo, hi = self.rho_range
-        if n == 1:
-            values = [math.sqrt(lo * hi)]
-        else:
-            values = list(np.geomspace(lo, hi, n))
         scale = min(max(1.0, self.scale_range[0]), self.scale_range[1])
-        return [self.shared_point(v, scale) for v in values]
+        return [self.shared_point(v, scale) for v in self.grid_dampings(n)]
+
+    def lattice(self, n_damping: int, n_scale: int) -> list[dict]:
+        """Shared points on a coarse lattice covering the whole ranges, edges included: n_damping
+        log-spaced dampings x n_scale evenly spaced scales, damping-major. n_scale == 1 uses the grid's
+        scale, so `lattice(n, 1) == grid(n)` and the staged search contains the grid baseline."""
+        if n_damping < 1 or n_scale < 1:
+            raise BmmError(f"search lattice: need >= 1 damping and scale value, got {n_damping} x {n_scale}")
+        lo, hi = self.scale_range
+        scales = (list(np.linspace(lo, hi, n_scale)) if n_scale > 1 and lo != hi
+                  else [min(max(1.0, lo), hi)])
+        return [self.shared_point(d, s) for d in self.grid_dampings(n_damping) for s in scales]
+
+    # -- coordinates (for coordinate refinement) -------------------------------------------------
+    def coordinates(self) -> list[tuple[str, int | None, str | None]]:
+        """The searched values as (kind, block, group): ("scale", b, None), ("damping", b, g),
+        ("eps", None, None); fixed ranges are left out."""
+        out: list[tuple[str, int | None, str | None]] = []
+        for b in range(self.num_blocks):
+            if self.scale_range[0] != self.scale_range[1]:
+                out.append(("scale", b, None))
+            if self.rho_range[0] != self.rho_range[1]:
+                out += [("damping", b, g) for g in self.groups_of(b)]
+        if self.hybrid and self.eps_range[0] != self.eps_range[1]:
+            out.append(("eps", None, None))
+        return out
+
+    def tied_coordinates(self) -> list[tuple[str, None, str | None]]:
+        """Coordinates moving every block at once: ("scale", None, None), ("damping", None, g);
+        only with more than one block (with one they equal `coordinates()`)."""
+        if self.num_blocks == 1:
+            return []
+        out: list[tuple[str, None, str | None]] = []
+        if self.scale_range[0] != self.scale_range[1]:
+            out.append(("scale", None, None))
+        if self.rho_range[0] != self.rho_range[1]:
+            out += [("damping", None, g) for g in SEARCH_GROUPS
+                    if any(g in self.groups_of(b) for b in range(self.num_blocks))]
+        return out
+
+    def moved(self, params: dict, coord: tuple, delta: float) -> dict:
+        """The point with one coordinate moved by `delta` in unit coordinates (clipped to the range);
+        a tied coordinate (block None) moves that value in every block that has it."""
+        kind, b, g = coord
+        if b is not None or kind == "eps":
+            return self.with_unit_value(params, coord, self.unit_value(params, coord) + delta)
+        out = params
+        for blk in range(self.num_blocks):
+            if kind == "scale" or g in self.groups_of(blk):
+                c = (kind, blk, g)
+                out = self.with_unit_value(out, c, self.unit_value(out, c) + delta)
+        return out
+
+    def unit_value(self, params: dict, coord: tuple) -> float:
+        """One coordinate of a point mapped to [0, 1] (damping on a log scale)."""
+        kind, b, g = coord
+        if kind == "scale":
+            return _to_unit(params["blocks"][b]["scale"], self.scale_range, log=False)
+        if kind == "damping":
+            return _to_unit(params["blocks"][b][self.damping_key][g], self.rho_range, log=True)
+        return _to_unit(params["eps"], self.eps_range, log=False)
+
+    def with_unit_value(self, params: dict, coord: tuple, u: float) -> dict:
+        """A copy of the point with one coordinate set from u in [0, 1] (clipped); canonical."""
+        kind, b, g = coord
+        out = json.loads(json.dumps(params))
+        u = min(max(float(u), 0.0), 1.0)
+        if kind == "scale":
+            out["blocks"][b]["scale"] = _from_unit(u, self.scale_range, log=False)
+        elif kind == "damping":
+            out["blocks"][b][self.damping_key][g] = _from_unit(u, self.rho_range, log=True)
+        else:
+            out["eps"] = _from_unit(u, self.eps_range, log=False)
+        return canonical(out)
 
     def random_point(self, rng: np.random.Generator) -> dict:
         """Scale and eps uniform, damping log-uniform; draws in a fixed order so a seed replays."""
@@ -279,3 +373,23 @@ class SearchSpace:
         if self.hybrid and "eps" not in params:
             raise BmmError("search point: hybrid statistics need 'eps'")
         return canonical(params)
+
+
+def _to_unit(x: float, rng: tuple[float, float], *, log: bool) -> float:
+    lo, hi = rng
+    if lo == hi:
+        return 0.0
+    if log:
+        return (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return (x - lo) / (hi - lo)
+
+
+def _from_unit(u: float, rng: tuple[float, float], *, log: bool) -> float:
+    lo, hi = rng
+    if u <= 0.0:
+        return lo  # the edges exactly, not exp(log(lo)) with its rounding
+    if u >= 1.0:
+        return hi
+    if log:
+        return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+    return lo + u * (hi - lo)
