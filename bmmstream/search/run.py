@@ -131,43 +131,63 @@ def _param_map(model: torch.nn.Module, names: list[str], transposed: set[str]) -
     return out
 
 
-def _collect(job, model, store, progress: bool) -> tuple[list[_Batch], dict[str, torch.Tensor]]:
+def _resident_params(job, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The resident model's tensors by checkpoint name (transposed views where the plan says so)."""
+    names = [n for unit in job.plan.units for n in unit]
+    return _param_map(model, names, {m.name for m in job.plan.modules if m.transposed})
+
+
+def _stream_units(job, params: dict[str, torch.Tensor], store, progress: bool):
+    """The statistics pass's walk over the checkpoints, shared by both search paths: unit by unit
+    (the next one prefetched), write pass-through tensors and the anchor's non-regressed tensors
+    into the resident model, and yield (regressed inputs, anchor task vectors) of the unit; the
+    unit's bytes are released once the caller is done with it."""
     from bmmstream.pipeline import _unit_inputs
 
-    method = job.method
-    hybrid = method.params["statistics"] == "hybrid"
-    names = [n for unit in job.plan.units for n in unit]
-    params = _param_map(model, names, {m.name for m in job.plan.modules if m.transposed})
-    per_shape: dict[tuple, list] = defaultdict(list)
     units = job.plan.units
     for i, unit in enumerate(tqdm(units, desc="search statistics", unit="unit", disable=not progress)):
         if i + 1 < len(units):
             for s in job.sources.all:
                 s.prefetch(units[i + 1])
         inputs, passthrough = _unit_inputs(job, unit, store)
-        anchor = method.anchor.merge_unit(inputs)
+        anchor = job.method.anchor.merge_unit(inputs)
         with torch.no_grad():
             for n, t in passthrough.items():
                 params[n].copy_(t)
             for inp in inputs:
-                n = inp.spec.name
                 if inp.spec.kind != "linear":
-                    params[n].copy_(inp.base + anchor[n])
-                    continue
-                if hybrid and inp.grams is not None:
-                    # the merge's own statistics at eps = 1 and eps = 0 (same dtype, same rescale option)
-                    one, zero = method.module_statistics(inp, eps=1.0), method.module_statistics(inp, eps=0.0)
-                    stats = ("ends", (one["G"], zero["G"], one["C"], zero["C"]))
-                else:
-                    if store.has(n):
-                        st = store.get(n, job.device)
-                    else:
-                        st = method.module_statistics(inp)
-                        store.put(n, st, {"tasks": len(job.sources.experts)})
-                    stats = ("gc", (st["G"], st["C"]))
-                per_shape[tuple(inp.base.shape)].append((inp.spec, inp.base, anchor[n], stats))
+                    params[inp.spec.name].copy_(inp.base + anchor[inp.spec.name])
+        yield [inp for inp in inputs if inp.spec.kind == "linear"], anchor
+        del inputs, passthrough, anchor
         for s in job.sources.all:
             s.release(unit)
+
+
+def _module_stats(job, store, inp) -> tuple[str, tuple[torch.Tensor, ...]]:
+    """("ends", (G at eps 1, G at eps 0, C at eps 1, C at eps 0)) for a hybrid module with Grams (the
+    merge's own statistics code, same dtype and rescale option; trials mix them), else ("gc", (G, C))
+    from the store, computed and stored once."""
+    method, n = job.method, inp.spec.name
+    if method.params["statistics"] == "hybrid" and inp.grams is not None:
+        one, zero = method.module_statistics(inp, eps=1.0), method.module_statistics(inp, eps=0.0)
+        return "ends", (one["G"], zero["G"], one["C"], zero["C"])
+    if store.has(n):
+        st = store.get(n, job.device)
+    else:
+        st = method.module_statistics(inp)
+        store.put(n, st, {"tasks": len(job.sources.experts)})
+    return "gc", (st["G"], st["C"])
+
+
+def _collect(job, model, store, progress: bool) -> tuple[list[_Batch], dict[str, torch.Tensor]]:
+    params = _resident_params(job, model)
+    per_shape: dict[tuple, list] = defaultdict(list)
+    for inputs, anchor in _stream_units(job, params, store, progress):
+        with torch.no_grad():
+            for inp in inputs:
+                stats = _module_stats(job, store, inp)
+                per_shape[tuple(inp.base.shape)].append((inp.spec, inp.base, anchor[inp.spec.name], stats))
+        del inputs, anchor  # one unit alive at a time: the walk loads the next one after this
     batches = []
     for shape, items in sorted(per_shape.items()):
         # a module without Grams in a hybrid run (outside the layer stack) is solved on its own
@@ -320,52 +340,30 @@ def _write_factors(job, model, store, opts: FactorOptions, keep_base: bool, prog
     factors to the store once (a resumed run skips the modules already complete). Only one
     unit's tensors are alive at a time. Returns (units of regressed modules, param map, W_pre
     dict when kept else None)."""
-    from bmmstream.pipeline import _unit_inputs
     from bmmstream.statistics.store import factor_key
 
-    method = job.method
-    hybrid = method.params["statistics"] == "hybrid"
-    units = job.plan.units
-    params = _param_map(model, [n for unit in units for n in unit], {m.name for m in job.plan.modules if m.transposed})
+    params = _resident_params(job, model)
     out_units: list[list[_Module]] = []
     base: dict[str, torch.Tensor] | None = {} if keep_base else None
-    for i, unit in enumerate(tqdm(units, desc="search statistics", unit="unit", disable=not progress)):
-        if i + 1 < len(units):
-            for s in job.sources.all:
-                s.prefetch(units[i + 1])
-        inputs, passthrough = _unit_inputs(job, unit, store)
-        anchor = method.anchor.merge_unit(inputs)
+    for inputs, anchor in _stream_units(job, params, store, progress):
         mods = []
         with torch.no_grad():
-            for n, t in passthrough.items():
-                params[n].copy_(t)
             for inp in inputs:
                 n = inp.spec.name
-                if inp.spec.kind != "linear":
-                    params[n].copy_(inp.base + anchor[n])
-                    continue
                 mods.append(_Module(n, inp.spec.block, inp.spec.group, inp.spec.transposed))
                 if base is not None:
                     base[n] = inp.base.clone()  # never a view of the checkpoint's memory map
                 if store.has(factor_key(n)):
                     continue
-                if hybrid and inp.grams is not None:
-                    # the merge's own statistics at eps = 1 and eps = 0; each trial mixes them and solves
-                    one, zero = method.module_statistics(inp, eps=1.0), method.module_statistics(inp, eps=0.0)
-                    arrays = {"GA": one["G"], "GB": zero["G"], "CA": one["C"], "CB": zero["C"], "U0": anchor[n]}
+                kind, st = _module_stats(job, store, inp)
+                if kind == "ends":
+                    arrays = {"GA": st[0], "GB": st[1], "CA": st[2], "CB": st[3], "U0": anchor[n]}
                     attrs = {"kind": "ends"}
                 else:
-                    if store.has(n):
-                        st = store.get(n, job.device)
-                    else:
-                        st = method.module_statistics(inp)
-                        store.put(n, st, {"tasks": len(job.sources.experts)})
-                    arrays, attrs = module_factors(st["G"], st["C"], anchor[n], opts)
+                    arrays, attrs = module_factors(st[0], st[1], anchor[n], opts)
                 store.put(factor_key(n), arrays, {**attrs, "dtype": opts.dtype, "energy": opts.energy})
-        del inputs, anchor
+        del inputs, anchor  # one unit alive at a time: the walk loads the next one after this
         out_units.append(mods)
-        for s in job.sources.all:
-            s.release(unit)
     return [u for u in out_units if u], params, base
 
 
