@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from bmmstream.errors import BmmError
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
+from bmmstream.methods.registry import MergeMethod, ModuleInput, RawModule, register, weighted_combination
 
 
 @register
@@ -41,3 +41,16 @@ class Linear(MergeMethod):
         mixed = weighted_combination(inp.deltas, weights, self.normalize)
         c = 1.0 if self.normalize else total
         return mixed if c == 1.0 else mixed + (c - 1.0) * inp.base
+
+    def merge_raw(self, raw: RawModule, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """sum_t w_t W_t (/ sum_t w_t) straight from the stored tensors (linear_kernels), the same bytes
+        as `merge` followed by W_pre + U."""
+        from bmmstream.methods.linear_kernels import fused_merge  # numba: imported when first merged
+
+        weights = self.model_values("weight", 1.0, len(raw.experts))
+        total = (float(len(raw.experts)) if weights is None
+                 else float(torch.tensor(weights, dtype=torch.float32).sum()))
+        c = 1.0 if self.normalize else total
+        return fused_merge(raw, out_dtype, weights=weights, divide=self.normalize,
+                           div=total if abs(total) >= 1e-8 else 1.0, scale=1.0,
+                           cm1=None if c == 1.0 else c - 1.0)

@@ -45,6 +45,18 @@ class ModuleInput:
     factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+@dataclass
+class RawModule:
+    """One tensor as the sources hold it: stored dtype and stored layout (no transpose), on the CPU,
+    not copied (safetensors' memory-mapped tensors). For fused kernels that read bf16/fp16/fp32 inputs
+    directly instead of materialising T float32 task vectors."""
+
+    spec: ModuleSpec
+    base: torch.Tensor
+    experts: list[torch.Tensor]
+    ids: list[str]  # source ids, base first then experts: for the NaN/Inf error message
+
+
 class MergeMethod:
     """Base class. Subclasses set `name`, `defaults` (and `aliases`, `tensor_parameters`), and
     implement `merge`."""
@@ -193,7 +205,18 @@ class MergeMethod:
     def load_prepass_state(self, state: dict) -> None:
         """Restore what `prepass_state` returned."""
 
+    def prepass_observe_raw(self, raw: RawModule) -> bool:
+        """`prepass_observe` on the stored tensors; False when not supported (the pipeline then
+        calls `prepass_observe` on the general ModuleInput)."""
+        return False
+
     # -- merging ---------------------------------------------------------------------------
+    def merge_raw(self, raw: RawModule, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """The merged WEIGHT (W_pre + U) in the stored layout and `out_dtype`, on the CPU, by a fused
+        kernel reading the stored tensors; the same bytes as the general path (float32 compute). None:
+        not supported here (method, tensor or dtype), the pipeline takes the general path."""
+        return None
+
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         """Merged task vector for one tensor: same shape as `inp.base`."""
         raise NotImplementedError

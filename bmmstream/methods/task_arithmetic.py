@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
+from bmmstream.methods.registry import MergeMethod, ModuleInput, RawModule, register, weighted_combination
 
 
 @register
@@ -28,3 +28,14 @@ class TaskArithmetic(MergeMethod):
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         return self.scale * weighted_combination(inp.deltas, self.model_weights(inp), self.normalize)
+
+    def merge_raw(self, raw: RawModule, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """W_pre + scale * sum_t w_t U_t straight from the stored tensors (linear_kernels), the same bytes."""
+        from bmmstream.methods.linear_kernels import fused_merge  # numba: imported when first merged
+
+        weights = self.model_values("weight", 1.0, len(raw.experts))
+        # weighted_combination's divisor, computed as it does (a float32 sum of the float32 weights)
+        divisor = (float(len(raw.experts)) if weights is None
+                   else float(torch.tensor(weights, dtype=torch.float32).sum()))
+        return fused_merge(raw, out_dtype, weights=weights, divide=self.normalize,
+                           div=divisor if abs(divisor) >= 1e-8 else 1.0, scale=self.scale, cm1=None)

@@ -30,15 +30,24 @@ cancellations, common when bf16 checkpoints put deltas on a coarse grid): with t
 the reference's rule, the majority sign, taken over the tensor rather than the whole model (+1 if
 that is 0 too); with "per_tensor" mergekit's rule, +1. (Measured: on a bf16 suite the two rules
 differ in a few entries per tensor, which is why each mode follows its own source.)
+
+On the CPU with float32 compute, the pipeline asks the fused kernels first
+(bmmstream.methods.ties_kernels): `prepass_observe_raw` builds the same histograms from the stored
+bf16/fp16/fp32 tensors and `merge_raw` (global threshold) writes the merged weight in one pass, with
+the same bytes as the general path; `elect_and_mean` on contiguous float32 CPU tensors (per-tensor
+threshold, DARE-TIES, Breadcrumbs-TIES, DELLA) runs the same kernel. Neither materialises T float32
+task vectors or their T-fold temporaries.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
 from bmmstream.methods import magnitude_histogram as kernels
+from bmmstream.methods import ties_kernels as fused
 from bmmstream.errors import BmmError
-from bmmstream.methods.registry import MergeMethod, ModuleInput, register, weighted_combination
+from bmmstream.methods.registry import MergeMethod, ModuleInput, RawModule, register, weighted_combination
 
 THRESHOLDS = ("global", "per_tensor")
 
@@ -55,6 +64,9 @@ def elect_and_mean(
     (the reference's rule, over the tensor instead of the model), "positive" takes +1 (mergekit).
     `weights` [T] (mergekit's per-model weight): the election and the mean run on w_t * trimmed_t
     and the divisor is the sum of the agreeing weights; `normalize` False: no division."""
+    fast = _fused_elect_and_mean(trimmed, zero_sign, weights, normalize)
+    if fast is not None:
+        return fast
     if weights is not None:
         trimmed = trimmed * weights.reshape((-1,) + (1,) * (trimmed.dim() - 1))
     sign = torch.sign(trimmed.sum(0))
@@ -65,15 +77,58 @@ def elect_and_mean(
         majority = torch.sign(sign.sum())
         sign = torch.where(zero, majority if majority != 0 else torch.ones_like(majority), sign)
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    selected = torch.where(agree, trimmed, torch.zeros_like(trimmed))
+    selected = torch.where(agree, trimmed, 0.0)  # a scalar 0: no T-fold zeros tensor
     if not normalize:
         return selected.sum(0)
     if weights is None:
         count = agree.sum(0).clamp(min=1).to(trimmed.dtype)
         return selected.sum(0) / count
     w = weights.reshape((-1,) + (1,) * (trimmed.dim() - 1))
-    divisor = torch.where(agree, w, torch.zeros_like(w)).sum(0)
+    divisor = torch.where(agree, w, 0.0).sum(0)
     return selected.sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def _fused_elect_and_mean(
+    trimmed: torch.Tensor, zero_sign: str, weights: torch.Tensor | None, normalize: bool
+) -> torch.Tensor | None:
+    """`elect_and_mean` by the fused kernel for contiguous float32 CPU task vectors (TIES' per-tensor
+    threshold, DARE-TIES, Breadcrumbs-TIES, DELLA): the same bits without the T-fold temporaries
+    (weighted copy, masks, selected values). None where torch must do it: another device or dtype,
+    non-finite values, or more than MAX_TASKS tasks with sums that could depend on torch's order."""
+    if (trimmed.device.type != "cpu" or trimmed.dtype != torch.float32 or trimmed.dim() < 1
+            or not trimmed.is_contiguous() or trimmed.numel() == 0):
+        return None
+    if weights is not None and (weights.dtype != torch.float32 or weights.device.type != "cpu"):
+        return None
+    t_count, n = int(trimmed.shape[0]), int(trimmed[0].numel())
+    w32 = np.ones(t_count, dtype=np.float32) if weights is None else weights.numpy().astype(np.float32)
+    check_order = t_count > fused.MAX_TASKS
+    if check_order and weights is not None and not fused.sums_exact_in_any_order(w32):
+        return None
+    stride = n * trimmed.element_size()
+    addrs = np.array([trimmed.data_ptr() + t * stride for t in range(t_count)], dtype=np.int64)
+    codes = np.full(t_count, fused.F32, dtype=np.int64)
+    out = torch.empty(trimmed.shape[1:], dtype=torch.float32)
+    stats = np.zeros(((n + fused.CHUNK - 1) // fused.CHUNK, 4), dtype=np.int64)
+    # base -0.0: d = x - (-0) = x (up to the sign of a zero) and W = -0 + r * 1 = r; tau 0 keeps all
+    common = (0, fused.NEG_ZERO, addrs, codes, n, np.zeros(t_count, dtype=np.float32), w32,
+              weights is not None, normalize, np.float32(1.0), zero_sign == "positive", check_order)
+    fused.ties_merge_kernel(*common, 1, fused.WRITE, out.data_ptr(), fused.OUT_F32, stats)
+    if np.bitwise_or.reduce(stats[:, fused.FLAGS]) != 0:
+        return None  # NaN/Inf or order-dependent sums: torch's own path
+    if stats[:, fused.DEFERRED].any():
+        pos, neg = int(stats[:, fused.POS].sum()), int(stats[:, fused.NEG].sum())
+        if fused.majority_is_exact(n, pos, neg):
+            majority = 1 if pos >= neg else -1
+        else:
+            signs = torch.empty(trimmed.shape[1:], dtype=torch.float32)
+            fused.ties_merge_kernel(*common, 1, fused.SIGNS, signs.data_ptr(), fused.OUT_F32, stats)
+            majority = -1 if float(torch.sign(signs.sum())) < 0 else 1
+            del signs
+        fused.ties_merge_kernel(*common, majority, fused.DEFERRED_ONLY, out.data_ptr(), fused.OUT_F32, stats)
+        if np.bitwise_or.reduce(stats[:, fused.FLAGS]) & fused.RESULT_BAD:
+            return None
+    return out
 
 
 def combine_sparse(
@@ -115,7 +170,7 @@ def global_keep_index(numel: int, density: float) -> int:
 def trim_by_threshold(deltas: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     tau = torch.tensor(thresholds, dtype=deltas.dtype, device=deltas.device)
     tau = tau.reshape((-1,) + (1,) * (deltas.dim() - 1))
-    return torch.where(deltas.abs() >= tau, deltas, torch.zeros_like(deltas))
+    return torch.where(deltas.abs() >= tau, deltas, 0.0)
 
 
 @register
@@ -146,16 +201,43 @@ class Ties(MergeMethod):
         return self.per_model("density", count)
 
     # -- pass 1: per-task magnitude histograms over the whole model ------------------------
+    def _task_counts(self, name: str, t_count: int, segments: int = 1) -> np.ndarray:
+        """The histograms [segments, T, NUM_BINS]: one [T, NUM_BINS] block per parallel segment of the
+        fused kernel (summed in `thresholds`), allocated by the first tensor seen."""
+        if self._counts is None:
+            self._counts = np.zeros((segments, t_count, kernels.NUM_BINS), dtype=np.int64)
+        elif self._counts.shape[1] != t_count:
+            raise BmmError(f"{name}: {t_count} task vectors, expected {self._counts.shape[1]}")
+        return self._counts
+
     def prepass_observe(self, inp: ModuleInput) -> None:
         t_count = inp.deltas.shape[0]
-        if self._counts is None:
-            self._counts = np.zeros((t_count, kernels.NUM_BINS), dtype=np.int64)
-        elif self._counts.shape[0] != t_count:
-            raise BmmError(f"{inp.spec.name}: {t_count} task vectors, expected {self._counts.shape[0]}")
+        counts = self._task_counts(inp.spec.name, t_count)
         for t in range(t_count):
-            kernels.add_magnitude_histogram(inp.deltas[t], self._counts[t])
+            kernels.add_magnitude_histogram(inp.deltas[t], counts[0, t])
         self._numel += inp.deltas[0].numel()
         self._thresholds = None
+
+    def prepass_observe_raw(self, raw: RawModule) -> bool:
+        """The histograms straight from the stored tensors (float32 deltas formed per entry, never as
+        T full tensors); the same counts as `prepass_observe`. False (general path) for the
+        per-tensor threshold or tensors the kernel cannot read."""
+        if not self.needs_prepass:
+            return False
+        srcs = _raw_sources(raw)
+        if srcs is None:
+            return False
+        base_addr, base_code, addrs, codes, n = srcs
+        t_count = len(raw.experts)
+        segments = max(1, numba.get_num_threads() // max(t_count, 1)) if n >= 1 << 20 else 1
+        counts = self._task_counts(raw.spec.name, t_count, segments)
+        flags = np.zeros(counts.shape[:2], dtype=np.int64)
+        fused.magnitude_histogram_kernel(base_addr, base_code, addrs, codes, n, counts, flags)
+        if flags.any():
+            fused.raise_non_finite(raw.ids, raw.spec.name, [raw.base, *raw.experts])
+        self._numel += n
+        self._thresholds = None
+        return True
 
     def prepass_state(self) -> dict:
         taus = self.thresholds()
@@ -186,10 +268,11 @@ class Ties(MergeMethod):
         if self._thresholds is None:
             if self._counts is None:
                 raise BmmError("ties (threshold: global): no tensor was seen by the prepass")
-            dens = self.densities(len(self._counts))
+            counts = self._counts.sum(axis=0) if self._counts.shape[0] > 1 else self._counts[0]
+            dens = self.densities(len(counts))
             self._thresholds = [
                 kernels.kth_smallest_from_histogram(c, global_keep_index(self._numel, d))
-                for c, d in zip(self._counts, dens)
+                for c, d in zip(counts, dens)
             ]
             self._counts = None  # 8 MiB per task, no longer needed
         return self._thresholds
@@ -199,13 +282,80 @@ class Ties(MergeMethod):
         deltas = inp.deltas
         if self.params["threshold"] == "per_tensor":
             mask = topk_mask_per_tensor(deltas, self.densities(deltas.shape[0]))
-            return torch.where(mask, deltas, torch.zeros_like(deltas))
+            return torch.where(mask, deltas, 0.0)
         taus = self.thresholds()
         if len(taus) != deltas.shape[0]:
             raise BmmError(f"{inp.spec.name}: {deltas.shape[0]} task vectors, prepass saw {len(taus)}")
         return trim_by_threshold(deltas, taus)
 
+    def merge_raw(self, raw: RawModule, out_dtype: torch.dtype) -> torch.Tensor | None:
+        """The merged weight by the fused kernel (bmmstream.methods.ties_kernels), global threshold
+        only: the same bytes as the general path in float32. None where the general path must run:
+        per-tensor threshold, unreadable dtypes or layouts, an overflow to Inf (the general path then
+        computes it its own way), or, beyond `MAX_TASKS` experts, an entry whose float32 sums over
+        the experts could depend on the order torch adds them in."""
+        t_count = len(raw.experts)
+        if self.params["threshold"] != "global" or t_count < 1:
+            return None
+        if not out_dtype.is_floating_point:
+            return None
+        srcs = _raw_sources(raw)
+        if srcs is None:
+            return None
+        base_addr, base_code, addrs, codes, n = srcs
+        taus = self.thresholds()
+        if len(taus) != t_count:
+            return None  # the general path raises its error
+        weights = self.model_values("weight", 1.0, t_count)
+        w32 = np.array(weights if weights is not None else [1.0] * t_count, dtype=np.float32)
+        tau32 = np.array(taus, dtype=np.float32)
+        check_order = t_count > fused.MAX_TASKS  # torch's sum order over the experts is no longer ours
+        if check_order and weights is not None and not fused.sums_exact_in_any_order(w32):
+            return None  # the sum of the agreeing weights could depend on torch's order
+        out_code = {torch.bfloat16: fused.OUT_BF16, torch.float32: fused.OUT_F32}.get(out_dtype)
+        out = torch.empty(raw.base.shape, dtype=out_dtype if out_code is not None else torch.float32)
+        stats = np.zeros(((n + fused.CHUNK - 1) // fused.CHUNK, 4), dtype=np.int64)
+        common = (base_addr, base_code, addrs, codes, n, tau32, w32, weights is not None, self.normalize,
+                  np.float32(self.scale), False, check_order)
+        code = fused.OUT_F32 if out_code is None else out_code
+        fused.ties_merge_kernel(*common, 1, fused.WRITE, out.data_ptr(), code, stats)
+        flags = np.bitwise_or.reduce(stats[:, fused.FLAGS]) if len(stats) else 0
+        if flags & fused.INPUT_BAD:
+            fused.raise_non_finite(raw.ids, raw.spec.name, [raw.base, *raw.experts])
+        if flags & (fused.RESULT_BAD | fused.ORDER_BAD):
+            return None
+        if stats[:, fused.DEFERRED].any():
+            pos, neg = int(stats[:, fused.POS].sum()), int(stats[:, fused.NEG].sum())
+            if fused.majority_is_exact(n, pos, neg):
+                majority = 1 if pos >= neg else -1
+            else:  # torch's own float32 sum of the signs, in the general path's layout
+                signs = torch.empty(raw.base.shape, dtype=torch.float32)
+                fused.ties_merge_kernel(*common, 1, fused.SIGNS, signs.data_ptr(), fused.OUT_F32, stats)
+                if raw.spec.transposed:
+                    signs = signs.T.contiguous()
+                majority = -1 if float(torch.sign(signs.sum())) < 0 else 1
+                del signs
+            fused.ties_merge_kernel(*common, majority, fused.DEFERRED_ONLY, out.data_ptr(), code, stats)
+            if np.bitwise_or.reduce(stats[:, fused.FLAGS]) & fused.RESULT_BAD:
+                return None
+        return out if out_code is not None else out.to(out_dtype)
+
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         zero_sign = "positive" if self.params["threshold"] == "per_tensor" else "majority"
         merged = elect_and_mean(self.trim(inp), zero_sign, self.model_weights(inp), self.normalize)
         return self.scale * merged
+
+
+def _raw_sources(raw: RawModule) -> tuple[int, int, np.ndarray, np.ndarray, int] | None:
+    """(base address, base code, expert addresses, expert codes, numel) for the fused kernels, or None
+    when some tensor is not a contiguous CPU float tensor of the base's shape. The tensors stay
+    referenced by `raw` while a kernel reads them."""
+    tensors = [raw.base, *raw.experts]
+    codes = [fused.source_code(x) for x in tensors]
+    if any(c is None for c in codes) or any(x.shape != raw.base.shape for x in raw.experts):
+        return None
+    n = raw.base.numel()
+    if n == 0:
+        return None
+    addrs = np.array([x.data_ptr() for x in raw.experts], dtype=np.int64)
+    return raw.base.data_ptr(), codes[0], addrs, np.array(codes[1:], dtype=np.int64), n
