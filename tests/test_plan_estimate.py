@@ -38,3 +38,31 @@ def test_plan_refuses_blocks_beyond_the_layers_like_the_merge(tiny_llama_suite):
     with pytest.raises(bmmstream.errors.BmmError) as e:
         bmmstream.plan_merge(cfg, device="cpu")
     assert str(e.value) == expected
+
+
+def test_plan_counts_no_statistics_on_disk_for_a_run_that_keeps_none(tiny_llama_suite):
+    """Without keep_statistics, search or calibration the statistics store is transient (issue 17)."""
+    rep = bmmstream.plan_merge(_config(tiny_llama_suite, keep_statistics=False), device="cpu")
+    assert rep["estimate"]["stats_disk_bytes"] == 0
+
+
+def test_bmm_flops_and_unit_memory_model():
+    from bmmstream.plan.estimate import bmm_unit_bytes, module_flops
+    from bmmstream.statistics.grams import datafree_flops
+
+    # data-free: the SYRK + cheaper-association statistics, then R = C - U0 G, Cholesky, two solves
+    for d_out, d_in in ((4096, 14336), (14336, 4096), (1024, 4096)):
+        solve = 4.0 * d_out * d_in**2 + d_in**3 / 3.0
+        assert module_flops(d_out, d_in, 5, "bmm") == pytest.approx(datafree_flops(d_out, d_in, 5) + solve, rel=1e-12)
+    assert module_flops(8, 8, 5, "ties") == 0.0
+    # one Llama-3.1-8B layer, T = 5, float32 inputs, float64 statistics: module by module the down
+    # projection's working set; unit by unit every input and every module's statistics
+    h, i, kv = 4096, 14336, 1024
+    shapes = [((h, h), True), ((kv, h), True), ((kv, h), True), ((h, h), True), ((i, h), True), ((i, h), True),
+              ((h, i), True), ((h,), False), ((h,), False)]
+    unit = bmm_unit_bytes(shapes, 5, 4, 8, module_stream=False)
+    stream = bmm_unit_bytes(shapes, 5, 4, 8, module_stream=True)
+    params = 2 * h * h + 2 * kv * h + 3 * h * i + 2 * h
+    assert unit > 6 * params * 4 + sum((s[-1] ** 2 + s[0] * s[-1]) * 8 for s, lin in shapes if lin)
+    down = 6 * h * i * 4 + (i * i + h * i) * 8
+    assert down < stream < down + 4 * h * i * 8

@@ -34,7 +34,6 @@ statistics that hold NaN/Inf (named by module).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 
@@ -177,14 +176,18 @@ class BMM(MergeMethod):
         norm = bool(self.params["normalize_tasks"])
         dt = self.statistics_dtype(inp)
         lowrank = inp.factors  # LoRA experts: r-sized products, U_t never densified here
-        if kind == "data_free" or inp.grams is None:
+        e = float(self.params["eps"] if eps is None else eps)
+        if kind == "data_free" or inp.grams is None or (
+            kind == "hybrid" and e == 0.0 and not lowrank and not self.params["hybrid_rescale"]
+        ):
+            # hybrid eps = 0 is the data-free statistics, bit for bit (datafree_stats' association
+            # differs from combine()'s sum of U_t G_t)
             # linears outside the layer stack (e.g. BERT's pooler) see no calibration input:
             # they fall back to the data-free statistics
             G, C = lowrank_datafree_stats(lowrank, norm, dt) if lowrank else datafree_stats(inp.deltas, norm, dt)
         elif kind == "data_assisted":
             G, C = lowrank_combine(lowrank, inp.grams, dt) if lowrank else combine(inp.deltas, inp.grams, dt)
         else:
-            e = float(self.params["eps"] if eps is None else eps)
             rescale = bool(self.params["hybrid_rescale"])
             if lowrank:
                 G, C = lowrank_combine(lowrank, lowrank_hybrid_grams(lowrank, inp.grams, e, rescale, dt), dt)
@@ -214,40 +217,49 @@ class BMM(MergeMethod):
         return lam, modes
 
     # -- merge -----------------------------------------------------------------------------
+    # merge_unit(inputs, stats) is the union of merge_unit([inp], {name: stats[name]}) over the unit's
+    # modules, bit for bit: a pipeline may hand BMM one module at a time (its T task vectors and its
+    # statistics are then the only ones resident) and write the same output.
+    merges_by_module = True
+
     def merge_unit(
         self, inputs: list[ModuleInput], stats: dict[str, dict[str, torch.Tensor]] | None = None
     ) -> dict[str, torch.Tensor]:
-        anchor = self.anchor.merge_unit(inputs)
+        """Module by module: anchor, statistics (taken from `stats`, which is consumed: each module's
+        G and C are popped and solved in place, or computed here when absent), solve."""
         out: dict[str, torch.Tensor] = {}
-        by_shape: dict[tuple, list[ModuleInput]] = defaultdict(list)
         for inp in inputs:
-            if inp.spec.kind == "linear":
-                by_shape[tuple(inp.base.shape)].append(inp)
-            else:
-                out[inp.spec.name] = anchor[inp.spec.name]
-        if stats is None:
-            stats = self.unit_statistics([i for group in by_shape.values() for i in group])
-        for shape, group in sorted(by_shape.items()):
-            names = [i.spec.name for i in group]
-            G = torch.stack([stats[n]["G"] for n in names])
-            C = torch.stack([stats[n]["C"] for n in names])
-            U0 = torch.stack([anchor[n] for n in names])
-            lam, modes = self.module_lam(G, group)
-            dt = torch.float64 if self.params["statistics_dtype"] == "float64" else G.dtype
-            try:
-                U, damped = bmm_solve(G, C, U0, lam, dtype=dt)
-            except NonFiniteStatistics as e:
-                raise BmmError(
-                    f"bmm: module '{names[e.index]}': {e.what} holds NaN or Inf (from NaN/Inf or overflowing "
-                    f"values in the base or an expert); cannot solve"
-                ) from None
-            damp = {d.index: d for d in damped}
-            for k, inp in enumerate(group):
-                s = self.scales[min(inp.spec.block, len(self.scales) - 1)]
-                out[inp.spec.name] = s * U[k]
-                rec = {"module": inp.spec.name, "lam": float(lam[k]), "lam_mode": modes[k], "scale": s}
-                if k in damp:
-                    rec["damping"] = damp[k].added
-                    rec["damping_attempts"] = damp[k].attempts
-                self.solve_records.append(rec)
+            name = inp.spec.name
+            U0 = self.anchor.merge_unit([inp])[name]
+            if inp.spec.kind != "linear":
+                out[name] = U0
+                continue
+            st = stats.pop(name, None) if stats is not None else None
+            if st is None:
+                st = self.module_statistics(inp)
+            out[name] = self._solve_module(inp, st, U0)
+            del st
         return out
+
+    def _solve_module(self, inp: ModuleInput, st: dict[str, torch.Tensor], U0: torch.Tensor) -> torch.Tensor:
+        """s * U for one module; G and C of `st` are handed to the solve (overwritten in place)."""
+        name = inp.spec.name
+        G, C = st.pop("G")[None], st.pop("C")[None]
+        lam, modes = self.module_lam(G, [inp])
+        dt = torch.float64 if self.params["statistics_dtype"] == "float64" else G.dtype
+        try:
+            U, damped = bmm_solve(G, C, U0[None], lam, dtype=dt, overwrite=True)
+        except NonFiniteStatistics as e:
+            raise BmmError(
+                f"bmm: module '{name}': {e.what} holds NaN or Inf (from NaN/Inf or overflowing "
+                f"values in the base or an expert); cannot solve"
+            ) from None
+        del G, C
+        s = self.scales[min(inp.spec.block, len(self.scales) - 1)]
+        rec = {"module": name, "lam": float(lam[0]), "lam_mode": modes[0], "scale": s}
+        if damped:
+            rec["damping"] = damped[0].added
+            rec["damping_attempts"] = damped[0].attempts
+        self.solve_records.append(rec)
+        U = U[0]
+        return U.mul_(s) if s != 1.0 else U

@@ -15,29 +15,87 @@ import torch
 from bmmstream.plan.layout import Plan, split_blocks
 from bmmstream.sources.base import TensorInfo
 
+
+def c_via_outer(d_out: int, d_in: int) -> bool:
+    """True when C_t = (U_t U_t^T) U_t is cheaper than U_t (U_t^T U_t) (statistics/grams.py computes C by the cheaper one)."""
+    return 3 * d_out < 2 * d_in
+
+
+def datafree_flops(d_out: int, d_in: int, T: int) -> float:
+    """FLOPs of datafree_stats for T dense tasks (the association it picks; SYRK counted as d_out d_in^2)."""
+    if c_via_outer(d_out, d_in):
+        return float(T) * (d_out * d_in**2 + d_in * d_out**2 + 2.0 * d_out**2 * d_in)
+    return float(T) * 3.0 * d_out * d_in**2
+
+
 READ_BANDWIDTH = 1e9  # bytes/s assumed for local safetensors reads
 
 
-def measure_flops(device: torch.device, n: int = 1024) -> float:
-    """Sustained float32 matmul FLOP/s on `device` (a short, rough measurement)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def measure_flops(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """Matmul FLOP/s on `device` in `dtype`, the best of a few n x n products (a short, rough
+    measurement; n = 2048 because BMM's products are that large or larger, and 1024 read 0.5-0.8x
+    the rate the merge reached on an 8B layer)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     (a @ b).sum().item()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
+    best, reps, t_end = 0.0, 0, time.perf_counter() + 0.3
+    while reps < 2 or (time.perf_counter() < t_end and reps < 8):
+        t0 = time.perf_counter()
         (a @ b).sum().item()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
         reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return best
 
 
 def module_flops(d_out: int, d_in: int, T: int, method: str, statistics: str = "data_free") -> float:
+    """BMM's FLOPs for one module: statistics as statistics/grams.py computes them (data-free: SYRK
+    and the cheaper association for C; otherwise a SYRK per task Gram where data-free Grams are mixed
+    in, and C = sum_t U_t G_t as GEMMs), then R = C - U0 G, the Cholesky and the two triangular solves."""
     if method != "bmm":
         return 0.0
-    grams = 2.0 * T * d_out * d_in * d_in if statistics != "data_assisted" else 0.0
-    c = 2.0 * T * d_out * d_in * d_in
-    chol = d_in**3 / 3.0
-    solve = 2.0 * d_in * d_in * d_out
-    return grams + c + chol + solve
+    if statistics == "data_free":
+        stats = datafree_flops(d_out, d_in, T)
+    else:
+        stats = (T * d_out * d_in * d_in if statistics != "data_assisted" else 0.0) + 2.0 * T * d_out * d_in * d_in
+    return stats + 2.0 * d_out * d_in * d_in + d_in**3 / 3.0 + 2.0 * d_in * d_in * d_out
+
+
+# anonymous memory of the merge process beyond the tensors bmm_unit_bytes counts (imports: 0.17 GiB,
+# allocator slack, the writer's buffers): bench/rss_depth.py --llama8b-layer measured 4.12 GiB private
+# peak for a model of 3.90 GiB + this (T = 5, float32 statistics)
+MERGE_RUNTIME_BYTES = 256 * 2**20
+
+
+def bmm_unit_bytes(shapes: list[tuple[tuple[int, ...], bool]], T: int, cb: int, sb: int, module_stream: bool) -> int:
+    """Peak bytes of BMM's tensors while one unit is merged; `shapes`: (shape, is_linear) per tensor.
+
+    Per module: base + T task vectors in the compute dtype ((T+1) n cb), the anchor U0 (n cb), G and
+    C in the statistics dtype, and the larger of the statistics' temporaries (one task vector cast
+    to the statistics dtype, one d x d Gram, d the smaller side by the association grams.py picks) and
+    the in-place solve's (U0 in the statistics dtype and the result). `module_stream`: the pipeline
+    hands BMM one module at a time (merges_by_module), so one module's inputs are resident; else the
+    whole unit's inputs and every module's statistics are (the statistics are all computed before
+    the solves start)."""
+    def parts(shape, linear):
+        n = 1
+        for x in shape:
+            n *= x
+        inputs = (T + 1) * n * cb
+        if not linear:
+            return inputs, 0, 2 * n * cb  # the anchor's value and the weight built from it
+        d_out, d_in = shape[0], n // shape[0]
+        stats = (d_in * d_in + d_out * d_in) * sb
+        cast = d_out * d_in * sb if sb != cb else 0
+        gram = (d_out * d_out if c_via_outer(d_out, d_in) else d_in * d_in) * sb
+        temps = d_out * d_in * cb + max(cast + gram, d_out * d_in * (sb + cb))
+        return inputs, stats, temps
+
+    ps = [parts(sh, lin) for sh, lin in shapes]
+    if not ps:
+        return 0
+    if module_stream:
+        return max(i + s + t for i, s, t in ps)
+    return sum(i for i, _, _ in ps) + sum(s for _, s, _ in ps) + max(t for _, _, t in ps)
 
 
 def calibration_flops(layer_params: int, site_dims: list[int], tokens: int) -> float:
@@ -61,11 +119,13 @@ def estimate_report(
     calibration_tokens: list[int] | None,
     keep_statistics: bool,
     device: torch.device,
+    module_stream: bool = True,
 ) -> dict:
     """The `bmm plan` report from the plan and the headers: no weight is read.
 
     `calibration_tokens` holds each expert's calibration token budget (samples x max_len) when the
-    method needs data-assisted Grams, else None."""
+    method needs data-assisted Grams, else None. `module_stream`: the pipeline merges BMM one module
+    at a time (BMM declares merges_by_module, pipeline._merge_stream honours it; see bmm_unit_bytes). BMM's FLOPs are timed at the statistics dtype's matmul rate."""
     T = experts
     cb, sb = compute_bytes, statistics_bytes
     by_name = plan.by_name()
@@ -77,7 +137,13 @@ def estimate_report(
             for n in names
             if by_name[n].kind == "linear"
         ) if method == "bmm" else 0
-        peak_ram = max(peak_ram, (T + 3) * params * cb + stats)
+        if method == "bmm":
+            shapes = [(tuple(infos[n].shape if by_name[n].kind != "linear" else by_name[n].matrix_shape),
+                       by_name[n].kind == "linear") for n in names]
+            unit = MERGE_RUNTIME_BYTES + bmm_unit_bytes(shapes, T, cb, sb, module_stream)
+        else:
+            unit = (T + 3) * params * cb + stats
+        peak_ram = max(peak_ram, unit)
         stats_peak = max(stats_peak, stats)
         stats_total += stats
         flops += sum(
@@ -93,7 +159,7 @@ def estimate_report(
         for tokens in calibration_tokens:
             calib_flops += calibration_flops(layer_params, list(sites.values()), tokens)
         read_bytes += T * in_bytes
-    fps = measure_flops(device)
+    fps = measure_flops(device, dtype=torch.float64 if method == "bmm" and sb == 8 else torch.float32)
     return {
         "family": plan.family,
         "layers": plan.num_layers,
@@ -112,7 +178,8 @@ def estimate_report(
             "device": str(device),
             "peak_ram_bytes": int(peak_ram),
             "output_bytes": int(out_bytes),
-            "stats_disk_bytes": int(stats_total if keep_statistics else stats_peak),
+            # a run that reads no statistics back keeps none (statistics/store.py StatsStore.for_run)
+            "stats_disk_bytes": int(stats_total if keep_statistics else stats_peak if calibration_tokens is not None else 0),
             "read_bytes": int(read_bytes),
             "flops": float(flops + calib_flops),
             "calibration_flops": float(calib_flops),

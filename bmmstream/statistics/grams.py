@@ -10,21 +10,126 @@ Pure functions on tensors; where they are stored is store.py's business.
   divided by its mean eigenvalue trace(G_t)/d_in (activation Grams and task-vector Grams live on
   scales orders of magnitude apart, so without it eps mostly picks the larger one).
 In every case G = sum_t G_t and C = sum_t U_t G_t, accumulated task by task in one order, so equal
-per-task Grams give bit-identical G and C whichever function built them.
+per-task Grams give bit-identical G and C whichever of combine / lowrank_combine built them;
+datafree_stats may associate C_t = U_t U_t^T U_t the other way (below), so the hybrid endpoint
+eps = 0 is taken from datafree_stats itself (methods/bmm.py), not from combine.
 
 `dtype` is the accumulation dtype (None: the task vectors' dtype). methods/bmm.py accumulates in
 float64: with low-rank task vectors G has a null space, and float32 roundoff there (about 1e-7 of
 ||G||) exceeds lam at small rho and spoils the solve (bench/precision.py).
+
+FLOPs (bench/bmm_rate.py measures them against the machine's matmul peak). U^T U is symmetric, so
+it is a rank-k update (SYRK: d_out d_in^2 FLOPs, one triangle) instead of a GEMM (2 d_out d_in^2);
+on the CPU through scipy's BLAS on zero-copy views (torch has no SYRK), elsewhere as a blocked
+product that skips most of the other triangle. C_t = U_t U_t^T U_t takes the cheaper association:
+U_t (U_t^T U_t) costs 3 d_out d_in^2 with the SYRK, (U_t U_t^T) U_t costs d_in d_out^2 + 2 d_out^2 d_in
+plus the d_out d_in^2 SYRK that G needs anyway; the second wins when 3 d_out < 2 d_in (k/v and
+down projections). Both are 0.44-0.75x the 4 d_out d_in^2 of two GEMMs (0.58x over a Llama-3.1-8B layer).
 """
 from __future__ import annotations
 
 import torch
 
+from bmmstream.plan.estimate import c_via_outer, datafree_flops  # the association rule and its cost: shape-only
+
+# dtypes whose SYRK/SYMM go through scipy's BLAS on the CPU (others: torch's blocked products)
+SCIPY_DTYPES = (torch.float32, torch.float64)
+FILL_BLOCK = 1024  # rows per step when mirroring a triangle: temporaries of FILL_BLOCK^2, never d_in^2
+
+
+def _blas_threads():
+    """Limit scipy's BLAS to torch's thread count (the user's --threads) for the duration."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scipy's usual installs
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
+def _scipy_syrk(dtype: torch.dtype):
+    from scipy.linalg import blas
+
+    return blas.ssyrk if dtype == torch.float32 else blas.dsyrk
+
+
+def syrk_lower_(A: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """out's lower triangle (diagonal included) := beta * out + alpha * A^T A; the strict upper
+    triangle is left as it was on the CPU path (mirror it with fill_upper_). `out` is a contiguous
+    [k, k] tensor in A's dtype, A is [n, k], C- or F-contiguous (e.g. U or U.T)."""
+    if (A.device.type == "cpu" and A.dtype in SCIPY_DTYPES and out.is_contiguous()
+            and (A.is_contiguous() or A.T.is_contiguous())):
+        # numpy views of the torch buffers: out (row-major) is its transpose in Fortran order, so
+        # BLAS's upper triangle is torch's lower one
+        a, trans = (A.numpy().T, 0) if A.is_contiguous() else (A.numpy(), 1)
+        c = out.numpy().T
+        with _blas_threads():
+            r = _scipy_syrk(A.dtype)(alpha, a, beta=beta, c=c, trans=trans, lower=0, overwrite_c=1)
+        if r.ctypes.data != c.ctypes.data:  # f2py copied instead of writing in place (never for these views)
+            out.copy_(torch.from_numpy(r.T))
+        return out
+    # other devices and dtypes: a block-row product per panel, the diagonal blocks computed whole
+    # (at most 1/4 of the GEMM's surplus work)
+    k = A.shape[1]
+    step = max(1, -(-k // 4))
+    for j0 in range(0, k, step):
+        j1 = min(k, j0 + step)
+        out[j0:j1, :j1].addmm_(A[:, j0:j1].T, A[:, :j1], beta=beta, alpha=alpha)
+    return out
+
+
+def _blas_ok(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in SCIPY_DTYPES for t in ts) and \
+        len({t.dtype for t in ts}) == 1
+
+
+def symm_acc_(S: torch.Tensor, B: torch.Tensor, C: torch.Tensor, alpha: float, right: bool) -> torch.Tensor:
+    """C += alpha * B S (`right`) or alpha * S B, where only S's lower triangle is valid (a SYMM:
+    the triangle is never mirrored); S, C contiguous, B C-contiguous."""
+    if _blas_ok(S, B, C) and S.is_contiguous() and C.is_contiguous() and B.is_contiguous():
+        from scipy.linalg import blas
+
+        symm = blas.ssymm if S.dtype == torch.float32 else blas.dsymm
+        # row-major C is C^T to Fortran: C^T += alpha S B^T (S on the left) or alpha B^T S (right)
+        c = C.numpy().T
+        with _blas_threads():
+            r = symm(alpha, S.numpy().T, B.numpy().T, beta=1.0, c=c, side=0 if right else 1, lower=0, overwrite_c=1)
+        if r.ctypes.data != c.ctypes.data:  # f2py copied (never for these views)
+            C.copy_(torch.from_numpy(r.T))
+        return C
+    fill_upper_(S)
+    return C.addmm_(B, S, alpha=alpha) if right else C.addmm_(S, B, alpha=alpha)
+
+
+def fill_upper_(S: torch.Tensor) -> torch.Tensor:
+    """Mirror S's lower triangle into its upper one in place (block by block: no d x d temporary)."""
+    d = S.shape[-1]
+    for r0 in range(0, d, FILL_BLOCK):
+        r1 = min(d, r0 + FILL_BLOCK)
+        blk = S[r0:r1, r0:r1]
+        blk.copy_(blk.tril() + blk.tril(-1).T)
+        if r1 < d:
+            S[r0:r1, r1:].copy_(S[r1:, r0:r1].T)
+    return S
+
+
+def gram_(U: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+    """alpha U^T U, full symmetric, [d_in, d_in] in U's dtype (SYRK + mirror); `out` reused if given."""
+    d_in = U.shape[-1]
+    if out is None:
+        out = torch.empty(d_in, d_in, dtype=U.dtype, device=U.device)
+    return fill_upper_(syrk_lower_(U, out, alpha=alpha))
+
 
 def datafree_grams(deltas: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per-task G_t = U_t^T U_t, [T, d_in, d_in] (the same product, task by task, as datafree_stats)."""
+    """Per-task G_t = U_t^T U_t, [T, d_in, d_in] (SYRK per task)."""
     dt = dtype or deltas.dtype
-    return torch.stack([U.to(dt).T @ U.to(dt) for U in deltas])
+    T, _, d_in = deltas.shape
+    out = torch.empty(T, d_in, d_in, dtype=dt, device=deltas.device)
+    for t, U in enumerate(deltas):
+        gram_(U.to(dt), out[t])
+    return out
 
 
 def _accumulate(deltas: torch.Tensor, grams, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,15 +168,38 @@ def datafree_stats(
     """G = sum_t w_t U_t^T U_t and C = sum_t w_t U_t U_t^T U_t, accumulated task by task in `dtype`
     (w_t = 1, the paper's Eq. 15, unless `normalize_tasks`: see task_weights)."""
     dt = dtype or deltas.dtype
-    w = task_weights(deltas, dt) if normalize_tasks else None
-
-    def grams():
-        for t, U in enumerate(deltas):  # one task's d_in x d_in Gram resident at a time
-            U = U.to(dt)
-            Gt = U.T @ U
-            yield Gt if w is None else w[t] * Gt
-
-    return _accumulate(deltas, grams(), dt)
+    T, d_out, d_in = deltas.shape
+    dev = deltas.device
+    w = [1.0] * T if not normalize_tasks else [float(x) for x in task_weights(deltas, dt)]
+    G = torch.zeros(d_in, d_in, dtype=dt, device=dev)
+    C = torch.zeros(d_out, d_in, dtype=dt, device=dev)
+    if c_via_outer(d_out, d_in):
+        # G: one rank-(T d_out) update over the stacked task vectors when no cast or weight is needed
+        stacked = deltas.dtype == dt and not normalize_tasks and deltas.is_contiguous()
+        if stacked:
+            syrk_lower_(deltas.reshape(T * d_out, d_in), G)
+        H = torch.zeros(d_out, d_out, dtype=dt, device=dev)
+        for t in range(T):  # one task's cast copy and d_out x d_out Gram resident at a time
+            if w[t] == 0.0:
+                continue
+            U = deltas[t].to(dt).contiguous()
+            if not stacked:
+                syrk_lower_(U, G, alpha=w[t], beta=1.0)
+            syrk_lower_(U.T, H)  # U U^T, lower triangle
+            symm_acc_(H, U, C, w[t], right=False)  # C += w (U U^T) U
+            del U  # the next task's cast copy is not allocated beside this one
+    else:
+        Gt = torch.zeros(d_in, d_in, dtype=dt, device=dev)  # upper triangle stays 0: SYRK writes the lower
+        for t in range(T):  # one task's d_in x d_in Gram resident at a time
+            if w[t] == 0.0:
+                continue
+            U = deltas[t].to(dt).contiguous()
+            syrk_lower_(U, Gt)
+            G.add_(Gt, alpha=w[t])
+            symm_acc_(Gt, U, C, w[t], right=True)  # C += w U (U^T U)
+            del U
+    fill_upper_(G)  # once per module: the lower triangle was accumulated
+    return G, C
 
 
 def _unit_trace(g: torch.Tensor) -> torch.Tensor:
