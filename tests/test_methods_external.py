@@ -39,3 +39,16 @@ def test_task_vector_of_external_checkpoint(tmp_path):
 def test_path_required():
     with pytest.raises(BmmError, match="parameter 'path'"):
         get_method("external")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_external_checkpoint_is_refused(tmp_path, bad):
+    """A NaN/Inf in the external merge would pass into the merged weight (BMM's anchor): refused by name."""
+    w = torch.ones(4, 3)
+    w[2, 1] = bad
+    save_file({"layers.0.w": w}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    m = get_method("external", {"path": str(tmp_path)})
+    with pytest.raises(BmmError, match=rf"^{tmp_path}: tensor 'layers.0.w' contains NaN or Inf values$"):
+        m.merge(_inp("layers.0.w", torch.zeros(4, 3)))
+    m.close()

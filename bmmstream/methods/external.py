@@ -49,6 +49,8 @@ class External(MergeMethod):
             )
         w = src.get(name).to(device=inp.base.device, dtype=inp.base.dtype)
         src.release([name])
+        if w.is_floating_point() and not bool(torch.isfinite(w).all()):  # would pass into every merged weight
+            raise BmmError(f"{path}: tensor '{name}' contains NaN or Inf values")
         if inp.spec.transposed:
             w = w.T
         return w - inp.base
