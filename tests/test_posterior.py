@@ -96,6 +96,25 @@ def test_one_sample_at_infinite_beta_is_the_map_model():
     assert 0 <= t["ece"] <= 1
 
 
+def test_several_tasks_average_like_the_scorer():
+    """predict giving one (logits, labels) pair per task: each metric is the mean of the per-task
+    metrics, each task scored on the same posterior draws as if it were evaluated alone."""
+    model = Toy()
+    G = torch.eye(8, dtype=torch.float64)
+    post = {"down.weight": ModulePosterior(G, 0.1)}
+    opts = PosteriorOptions(samples=4, beta=10.0, seed=3)
+
+    def task(lo, hi):
+        return lambda m: (m(m.x[lo:hi]), m.y[lo:hi])
+
+    both = posterior_evaluate(model, post, lambda m: [task(0, 20)(m), task(20, 50)(m)], opts)
+    a = posterior_evaluate(model, post, task(0, 20), opts)
+    b = posterior_evaluate(model, post, task(20, 50), opts)
+    assert both["tasks"] == 2 and a["tasks"] == 1
+    for k in ("accuracy", "ece", "map_accuracy", "map_ece"):
+        assert both[k] == pytest.approx((a[k] + b[k]) / 2, abs=1e-12)
+
+
 def test_options_and_default_module():
     from bmmstream.plan.layout import ModuleSpec, Plan
 

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from bmmstream.errors import BmmError
-from bmmstream.search.scorers import CallableScorer, data_hash, load_callable, make_scorers, subset
+from bmmstream.search.scorers import CallableScorer, data_hash, load_callable, make_scorers, subset, task_rows
 
 WORDS = ["[PAD]", "[UNK]", "the", "cat", "dog", "sat", "yes", "no", "maybe", "good", "bad", "film"]
 
@@ -107,6 +107,15 @@ def test_label_likelihood_scorer_and_proxy(tmp_path, tok):
     # task a: 6 of 8 answers are yes; task b: 2 of 8 -> mean 0.5
     assert full(model) == pytest.approx((6 / 8 + 2 / 8) / 2)
     assert full(FavouriteToken(no)) == pytest.approx((2 / 8 + 6 / 8) / 2)
+    # per-row scores for the search's bootstrap guard: each row's correctness, in task order
+    score, rows = full.scored(model)
+    assert score == full(model)
+    assert rows == [float(r["answer"] == "yes") for r in rows_a] + [float(r["answer"] == 1) for r in rows_b]
+    preds = full.predict(model)  # per task: choice log-probabilities (-inf past a row's choices), answers
+    assert [lg.shape for lg, _ in preds] == [(8, 2), (8, 3)]
+    for (lg, lb), rs in zip(preds, (rows_a, rows_b)):
+        assert ((lg.argmax(1) == lb).double().mean()) == pytest.approx(
+            sum(float(r["answer"] in ("yes", 1)) for r in rs) / 8)
     # the proxy scores the fixed seeded subset of 3 rows per task
     sub_a, sub_b = subset(rows_a, 3), subset(rows_b, 3)
     expect = (sum(r["answer"] == "yes" for r in sub_a) / 3 + sum(r["answer"] == 1 for r in sub_b) / 3) / 2
@@ -137,9 +146,29 @@ def test_encoder_accuracy_scorer(tmp_path, tok):
                                tokenizer=tok, base_dir=tmp_path)
     assert proxy is None
     assert full(ZeroEncoder()) == pytest.approx(3 / 4)  # the head always says "pos"
+    assert full.scored(ZeroEncoder()) == (0.75, [1.0, 0.0, 1.0, 1.0])
+    [(logits, labels)] = full.predict(ZeroEncoder())  # posterior sampling's input: the head's logits
+    assert torch.equal(labels, torch.tensor([1, 0, 1, 1])) and torch.equal(logits, torch.tensor([[0.0, 5.0]] * 4))
     with pytest.raises(BmmError, match=r"search.scorer.data.sst: .*missing_expert/head.safetensors does not exist$"):
         make_scorers({"kind": "encoder_accuracy", "data": {"sst": {"rows": "val.jsonl", "expert": "missing_expert"}}},
                      tokenizer=tok, base_dir=tmp_path)
+
+
+def test_task_rows_weigh_tasks_as_the_score_does():
+    """Tasks of unequal size: the score is the mean of per-task accuracies, and so is the rows' plain mean."""
+    score, rows = task_rows([[1, 0], [1, 1, 1, 0, 0, 0]])
+    assert score == pytest.approx((1 / 2 + 3 / 6) / 2)
+    assert rows == pytest.approx([2.0, 0.0, 2 / 3, 2 / 3, 2 / 3, 0.0, 0.0, 0.0])
+    assert sum(rows) / len(rows) == pytest.approx(score)
+    score, rows = task_rows([[1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1, 1]])
+    assert sum(rows) / len(rows) == pytest.approx(score) == pytest.approx((1 / 3 + 2 / 9) / 2)
+
+
+def test_callable_scorer_may_give_rows(tmp_path, monkeypatch):
+    (tmp_path / "rowfn.py").write_text("def score(model):\n    return (0.5, [1, 0])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    full, _ = make_scorers({"callable": "rowfn:score"})
+    assert full.scored(None) == (0.5, [1.0, 0.0])
 
 
 def test_perplexity_scorer(tmp_path, tok):

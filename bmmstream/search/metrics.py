@@ -39,21 +39,43 @@ def encoder_logits(model: torch.nn.Module, head: torch.nn.Module, batch: dict) -
 
 
 @torch.no_grad()
-def encoder_accuracy(model: torch.nn.Module, head: torch.nn.Module, batches: Iterable[dict]) -> float:
-    """Fraction of examples whose argmax head logit equals `batch['labels']`."""
+def encoder_correct(model: torch.nn.Module, head: torch.nn.Module, batches: Iterable[dict]) -> list[int]:
+    """Per example, 1 if its argmax head logit equals `batch['labels']`, else 0 (in batch order):
+    the rows a search's bootstrap noise guard resamples."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct: list[int] = []
     try:
         for batch in batches:
             pred = encoder_logits(model, head, batch).argmax(-1)
-            correct += int((pred == batch["labels"]).sum())
-            total += int(batch["labels"].numel())
+            correct += (pred == batch["labels"]).to(torch.int64).flatten().tolist()
     finally:
         model.train(was_training)
-    if total == 0:
+    if not correct:
         raise ValueError("encoder_accuracy: no examples")
-    return correct / total
+    return correct
+
+
+@torch.no_grad()
+def encoder_predictions(model: torch.nn.Module, head: torch.nn.Module, batches: Iterable[dict]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head logits (N, C) and labels (N,) of every example: what posterior sampling averages."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in batches:
+            logits.append(encoder_logits(model, head, batch).float().cpu())
+            labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def encoder_accuracy(model: torch.nn.Module, head: torch.nn.Module, batches: Iterable[dict]) -> float:
+    """Fraction of examples whose argmax head logit equals `batch['labels']`."""
+    correct = encoder_correct(model, head, batches)
+    return sum(correct) / len(correct)
 
 
 def encoder_batches(
@@ -168,10 +190,10 @@ def _answer_index(row: dict) -> int:
     return list(row["choices"]).index(answer)
 
 
-def label_likelihood_accuracy(
+def label_likelihood_correct(
     model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], *, batch_size: int = 8
-) -> float:
-    """Fraction of rows {prompt, choices, answer} whose most likely choice is the answer.
+) -> list[int]:
+    """Per row {prompt, choices, answer}, 1 if its most likely choice is the answer, else 0.
 
     `answer` is the right choice's text or its index. Ties go to the first choice.
     """
@@ -179,7 +201,7 @@ def label_likelihood_accuracy(
         raise ValueError("label_likelihood_accuracy: no rows")
     was_training = model.training
     model.eval()
-    correct = 0
+    correct: list[int] = []
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -188,10 +210,41 @@ def label_likelihood_accuracy(
             )
             for row, s in zip(chunk, scores):
                 pred = max(range(len(s)), key=lambda j: (s[j], -j))
-                correct += int(pred == _answer_index(row))
+                correct.append(int(pred == _answer_index(row)))
     finally:
         model.train(was_training)
-    return correct / len(rows)
+    return correct
+
+
+def label_likelihood_predictions(
+    model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], *, batch_size: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choice log-probabilities as logits (N, most choices; -inf where a row has fewer) and answer
+    indices (N,): argmax picks what label_likelihood_correct picks (ties to the first choice)."""
+    if not rows:
+        raise ValueError("label_likelihood_accuracy: no rows")
+    was_training = model.training
+    model.eval()
+    scores: list[list[float]] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            scores += choice_logprobs(model, tokenizer, [r["prompt"] for r in chunk], [r["choices"] for r in chunk])
+    finally:
+        model.train(was_training)
+    width = max(len(s) for s in scores)
+    logits = torch.full((len(rows), width), float("-inf"), dtype=torch.float64)
+    for i, s in enumerate(scores):
+        logits[i, : len(s)] = torch.tensor(s, dtype=torch.float64)
+    return logits, torch.tensor([_answer_index(r) for r in rows])
+
+
+def label_likelihood_accuracy(
+    model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], *, batch_size: int = 8
+) -> float:
+    """Fraction of rows {prompt, choices, answer} whose most likely choice is the answer."""
+    correct = label_likelihood_correct(model, tokenizer, rows, batch_size=batch_size)
+    return sum(correct) / len(correct)
 
 
 @torch.no_grad()

@@ -79,23 +79,30 @@ class ModulePosterior:
     transposed: bool = False
 
 
+def _tasks(out: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """predict's answer as a list of per-task (logits, labels): one pair, or a list of them."""
+    pairs = [out] if isinstance(out, tuple) else list(out)
+    return [(lg.detach().to("cpu", torch.float64), lb.detach().to("cpu")) for lg, lb in pairs]
+
+
 def posterior_evaluate(
     model: torch.nn.Module,
     posteriors: dict[str, ModulePosterior],
-    predict: Callable[[torch.nn.Module], tuple[torch.Tensor, torch.Tensor]],
+    predict: Callable[[torch.nn.Module], Any],
     opts: PosteriorOptions,
 ) -> dict:
     """Accuracy and ECE of the S-sample posterior ensemble and of the MAP model.
 
-    predict(model) -> (logits (N, C), labels (N,)) on the scoring rows; `posteriors` maps tensor
-    names of `model` to their ModulePosterior. The model's weights are the MAP on return."""
+    predict(model) -> (logits (N, C), labels (N,)) on the scoring rows, or a list of such pairs, one
+    per task (a scorer's `predict`): each metric is then the mean over tasks, as the scorer's score is.
+    `posteriors` maps tensor names of `model` to their ModulePosterior. The weights are the MAP on return."""
     params = dict(model.named_parameters())
     missing = sorted(set(posteriors) - set(params))
     if missing:
         raise BmmError(f"search.posterior.modules: no tensor {missing[0]!r} in the model")
     saved = {n: params[n].detach().clone() for n in posteriors}
     gen = torch.Generator(device="cpu").manual_seed(opts.seed)
-    logits, labels = [], None
+    samples: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     try:
         with torch.no_grad():
             for _ in range(opts.samples):  # one sample resident at a time: memory of one module copy
@@ -105,23 +112,23 @@ def posterior_evaluate(
                     draw = sample_rows(U.to("cpu", torch.float64), G, post.lam, opts.beta, 1, gen)[0]
                     draw = draw.mT if post.transposed else draw
                     params[name].copy_(draw.to(params[name].dtype))
-                out, labels = predict(model)
-                logits.append(out.detach().to("cpu", torch.float64))
+                samples.append(_tasks(predict(model)))
     finally:
         with torch.no_grad():
             for name, w in saved.items():
                 params[name].copy_(w)
     with torch.no_grad():
-        map_logits, map_labels = predict(model)
-    map_probs = ensemble_probs(map_logits.detach().to("cpu", torch.float64)[None])
-    probs = ensemble_probs(torch.stack(logits))
-    labels = labels.to("cpu")
-    return {
-        "samples": opts.samples, "beta": opts.beta, "modules": sorted(posteriors),
-        "accuracy": accuracy(probs, labels), "ece": ece(probs, labels, opts.bins),
-        "map_accuracy": accuracy(map_probs, map_labels.to("cpu")),
-        "map_ece": ece(map_probs, map_labels.to("cpu"), opts.bins),
-    }
+        map_tasks = _tasks(predict(model))
+    out: dict[str, list[float]] = {"accuracy": [], "ece": [], "map_accuracy": [], "map_ece": []}
+    for k, (map_logits, labels) in enumerate(map_tasks):
+        probs = ensemble_probs(torch.stack([s[k][0] for s in samples]))
+        map_probs = ensemble_probs(map_logits[None])
+        out["accuracy"].append(accuracy(probs, labels))
+        out["ece"].append(ece(probs, labels, opts.bins))
+        out["map_accuracy"].append(accuracy(map_probs, labels))
+        out["map_ece"].append(ece(map_probs, labels, opts.bins))
+    return {"samples": opts.samples, "beta": opts.beta, "modules": sorted(posteriors), "tasks": len(map_tasks),
+            **{k: float(sum(v) / len(v)) for k, v in out.items()}}
 
 
 def module_posteriors(plan: Plan, store: Any, point: dict, key: str, names: list[str] | None = None

@@ -104,13 +104,31 @@ def _require(row: dict, keys: tuple[str, ...], where: str) -> None:
 
 # -- scorers -----------------------------------------------------------------------------------------
 class Scorer:
-    """Base class: `id`, `data_hash`, and `__call__(model) -> float`."""
+    """Base class: `id`, `data_hash`, `__call__(model) -> float`, and `scored(model)` -> (score, per-row
+    scores or None): the rows let the search's noise guard bootstrap the validation noise."""
 
     id: str = ""
     data_hash: str = ""
 
     def __call__(self, model: Any) -> float:
-        raise NotImplementedError
+        return self.scored(model)[0]
+
+    def scored(self, model: Any) -> tuple[float, list[float] | None]:
+        return float(self(model)), None
+
+    def predict(self, model: Any) -> list[tuple[Any, Any]]:
+        """Per task, logits (N, C) and labels (N,): what posterior sampling averages and calibrates."""
+        raise BmmError(f"search.posterior: scorer '{self.id}' gives no class predictions; "
+                       "posterior sampling needs kind encoder_accuracy or label_likelihood")
+
+
+def task_rows(per_task: Sequence[Sequence[int]]) -> tuple[float, list[float]]:
+    """Mean over tasks of per-task accuracy, and per-row scores whose plain mean is that score: row j of
+    task k (n_k rows of N, K tasks) counts correct * N / (K n_k), so a small task weighs what it does in
+    the score when the rows are resampled."""
+    total, k = sum(len(c) for c in per_task), len(per_task)
+    rows = [float(c) * total / (k * len(task)) for task in per_task for c in task]
+    return float(np.mean([sum(t) / len(t) for t in per_task])), rows
 
 
 class CallableScorer(Scorer):
@@ -122,6 +140,11 @@ class CallableScorer(Scorer):
 
     def __call__(self, model):
         return float(self.fn(model))
+
+    def scored(self, model):
+        from bmmstream.search.driver import split_score
+
+        return split_score(self.fn(model))  # a user function may give (score, rows) too
 
 
 class LabelLikelihoodScorer(Scorer):
@@ -135,12 +158,17 @@ class LabelLikelihoodScorer(Scorer):
         self.id = f"label_likelihood{tag}"
         self.data_hash = data_hash(tasks)
 
-    def __call__(self, model):
-        from bmmstream.search.metrics import label_likelihood_accuracy
+    def predict(self, model):
+        from bmmstream.search.metrics import label_likelihood_predictions
 
-        accs = [label_likelihood_accuracy(model, self.tokenizer, rows, batch_size=self.batch_size)
+        return [label_likelihood_predictions(model, self.tokenizer, rows, batch_size=self.batch_size)
                 for rows in self.tasks.values()]
-        return float(np.mean(accs))
+
+    def scored(self, model):
+        from bmmstream.search.metrics import label_likelihood_correct
+
+        return task_rows([label_likelihood_correct(model, self.tokenizer, rows, batch_size=self.batch_size)
+                          for rows in self.tasks.values()])
 
 
 class EncoderAccuracyScorer(Scorer):
@@ -161,17 +189,25 @@ class EncoderAccuracyScorer(Scorer):
                  "head": t.get("head_hash", "")} for n, t in tasks.items()}
         )
 
-    def __call__(self, model):
-        from bmmstream.search.metrics import encoder_accuracy, encoder_batches
+    def _tasks(self, model):
+        """(head, batches on the model's device) per task."""
+        from bmmstream.search.metrics import encoder_batches
 
-        accs = []
+        device = next(model.parameters()).device
         for t in self.tasks.values():
             batches = encoder_batches(self.tokenizer, t["rows"], t["labels"], max_len=t.get("max_len", 128),
                                       batch_size=self.batch_size)
-            device = next(model.parameters()).device
-            batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-            accs.append(encoder_accuracy(model, t["head"].to(device), batches))
-        return float(np.mean(accs))
+            yield t["head"].to(device), [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    def scored(self, model):
+        from bmmstream.search.metrics import encoder_correct
+
+        return task_rows([encoder_correct(model, head, batches) for head, batches in self._tasks(model)])
+
+    def predict(self, model):
+        from bmmstream.search.metrics import encoder_predictions
+
+        return [encoder_predictions(model, head, batches) for head, batches in self._tasks(model)]
 
 
 class PerplexityScorer(Scorer):
