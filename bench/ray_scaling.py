@@ -12,7 +12,15 @@ Everything runs with `--threads` torch threads (default 1): Ray workers use the 
 3. a projection to 8 GPUs for a 70B Llama (80 layers, hidden 8192, intermediate 28672, 64 heads, 8 KV
    heads) from the FLOP count of each unit and a sustained GPU rate (the stated assumptions are printed).
 
+`--mode search` (or `both`): `bmm search` with `--budget` seeded random trials on the same suite,
+in this process and with `--executor ray` on 1 and 2 workers (each an actor with its own resident
+model, trials in flight = workers). Timed: the trial phase alone (run_search: ask, evaluate, tell;
+the statistics pass and the actors' start-up are timed apart), as trials/s; each trial streams every
+module's factors from the store, re-solves, writes the model and scores it with a forward pass over
+`--score-tokens` random tokens. The three searches' trials (as sets) and best points must be equal.
+
     nice -n 5 python bench/ray_scaling.py [--hidden 512 --intermediate 1536 --layers 8 --experts 4]
+    nice -n 5 python bench/ray_scaling.py --mode search [--budget 16 --score-tokens 2048]
 """
 from __future__ import annotations
 
@@ -59,6 +67,9 @@ def main() -> None:
                     help="sustained float64 GEMM rate of one GPU for the projection (H100/H200: 67 peak)")
     ap.add_argument("--write-gbps", type=float, default=1.0, help="driver's write bandwidth, GB/s")
     ap.add_argument("--read-gbps", type=float, default=2.0, help="each worker's read bandwidth, GB/s")
+    ap.add_argument("--mode", choices=["merge", "search", "both"], default="merge")
+    ap.add_argument("--budget", type=int, default=16, help="search mode: random trials per search")
+    ap.add_argument("--score-tokens", type=int, default=2048, help="search mode: tokens in the scorer's forward")
     args = ap.parse_args()
 
     import ray
@@ -77,6 +88,11 @@ def main() -> None:
            "merge_method": "bmm", "parameters": {"anchor": "task_arithmetic", "rho": 0.01},
            "shard_size": "8MB"}
     torch.set_num_threads(args.threads)
+    if args.mode == "search":
+        search_bench(args, work, suite)
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     print(f"cpus {os.cpu_count()}, torch threads {torch.get_num_threads()} (driver and each worker), torch {torch.__version__}, ray {ray.__version__}")
     print(f"suite: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"T = {args.experts} experts, float32 weights, float64 statistics")
@@ -104,7 +120,7 @@ def main() -> None:
     # 2. wall times
     walls = {}
     t0 = time.perf_counter()
-    merge(cfg, out=work / "local", run_dir=work / "run-local", device="cpu", progress=False)
+    merge(cfg, out=work / "local", run_dir=work / "run-local", device="cpu", progress=False, threads=args.threads)
     walls["local"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -112,7 +128,7 @@ def main() -> None:
     for w in (1, 2):
         t0 = time.perf_counter()
         merge(cfg, out=work / f"ray{w}", run_dir=work / f"run-ray{w}", device="cpu", progress=False,
-              executor="ray", workers=w)
+              threads=args.threads, executor="ray", workers=w)
         walls[f"ray {w} worker{'s' if w > 1 else ''}"] = time.perf_counter() - t0
     ray.shutdown()
     load = os.getloadavg()[0]
@@ -152,8 +168,78 @@ def main() -> None:
           "8 workers with equal layer cost, each worker reads only its own layers, the driver writes in unit "
           "order while workers compute (2 x workers units in flight), embeddings/final norm negligible, "
           "the 1 -> 2 scaling measured above carries over when workers do not share cores")
+    if args.mode == "both":
+        search_bench(args, work, suite)
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+SCORER = """
+import torch
+
+def score(model):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, {tokens}), generator=g)
+    return -float(model(input_ids=ids, labels=ids).loss)
+"""
+
+
+def search_bench(args, work: Path, suite) -> None:
+    """Trials/s of `bmm search` in this process and on 1 and 2 Ray workers (see the docstring)."""
+    import json
+    import sys
+
+    import ray
+    import torch
+
+    import nevergrad  # noqa: F401  (imported before the first timed search, not inside it)
+
+    import bmmstream.search as search_pkg
+    from bmmstream.api import search_merge
+
+    (work / "bench_scorer").mkdir(exist_ok=True)
+    (work / "bench_scorer" / "ray_bench_scorer.py").write_text(SCORER.format(tokens=args.score_tokens))
+    sys.path.insert(0, str(work / "bench_scorer"))
+    cfg = {"base_model": str(suite.base), "models": [{"model": str(e)} for e in suite.experts],
+           "merge_method": "bmm", "parameters": {"anchor": "task_arithmetic", "rho": 0.01, "blocks": 2},
+           "search": {"optimizer": "random", "budget": args.budget, "seed": 0, "rho_range": [1e-3, 1.0],
+                      "scale_range": [0.8, 1.3], "scorer": {"callable": "ray_bench_scorer:score"},
+                      "full_top_k": 0}}
+    phase: dict[str, float] = {}
+    real = search_pkg.run_search  # search_merge looks it up here at each call
+
+    def timed(*a, **k):  # the trial phase only
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            phase["trials"] = time.perf_counter() - t0
+
+    search_pkg.run_search = timed
+    print(f"\nsearch: {args.budget} seeded random trials, scorer: LM loss over {args.score_tokens} tokens; "
+          f"cpus {os.cpu_count()}, torch threads {torch.get_num_threads()}")
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    print(f"  Ray start-up {time.perf_counter() - t0:.1f} s (not included)")
+    results = {}
+    for label, kw in (("local", {}), ("ray 1 worker", {"executor": "ray", "workers": 1}),
+                      ("ray 2 workers", {"executor": "ray", "workers": 2})):
+        run = work / f"search-{label.replace(' ', '-')}"
+        t0 = time.perf_counter()
+        res = search_merge(cfg, run_dir=run, device="cpu", progress=False, threads=args.threads, **kw)
+        wall = time.perf_counter() - t0
+        (h,) = list((run / "search").glob("*/history.jsonl"))
+        trials = sorted(json.dumps([t["params"], t["score"]], sort_keys=True)
+                        for t in map(json.loads, h.read_text().splitlines()))
+        costs = json.loads((run / "search-report" / "trial_costs.json").read_text())["mean"]
+        results[label] = (trials, res["best_params"])
+        print(f"  {label:14s} trial phase {phase['trials']:7.1f} s = {args.budget / phase['trials']:6.2f} trials/s "
+              f"(whole command {wall:6.1f} s); per evaluation: stream {costs['stream_s']:.3f} s, re-solve "
+              f"{costs['resolve_s']:.3f} s, assemble {costs['assemble_s']:.3f} s, score {costs['score_s']:.3f} s")
+    ray.shutdown()
+    same = all(v == results["local"] for v in results.values())
+    print(f"  trials (as sets) and best point equal across the three: {same}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from bmmstream.errors import BmmError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Out-of-core Bayesian Model Merging.")
 
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch and numba: N >= 1 or auto (default: "
+                          "the config's threads, else auto: usable cores minus the load of other processes)")
 
 
 def _fail(e: BaseException) -> None:
@@ -69,6 +71,7 @@ def merge(
                                           "for cuda, else 1)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto, or "
                                           "HEAD_IP:6379 after `ray start --head`); default: a local Ray"),
+    threads: Optional[str] = ThreadsOpt,
 ):
     """Merge the models a config names; resumes if the run directory holds the same unfinished run."""
     from bmmstream.api import merge as _merge
@@ -85,11 +88,20 @@ def merge(
             run_dir = default_run_dir(cfg, str(config))
             _stop_on_signals(run_dir)  # the message names the run directory
         path = _merge(cfg, out=out, run_dir=run_dir, device=device, progress=progress,
-                      executor=executor, workers=workers, address=address)
+                      executor=executor, workers=workers, address=address, threads=_threads(threads))
     except BmmError as e:
         _fail(e)
     typer.echo(f"run directory: {run_dir}")
     typer.echo(f"merged model: {path}")
+
+
+def _threads(s: str | None) -> int | str | None:
+    from bmmstream.config import parse_threads
+
+    try:
+        return parse_threads(s) if s not in (None, "auto") else s
+    except ValueError as e:
+        raise BmmError(f"--threads: {e}") from None
 
 
 def _size(s: str) -> int:
@@ -102,13 +114,14 @@ def _size(s: str) -> int:
 
 
 @app.command()
-def resume(run_dir: Path = typer.Argument(...), device: str = DeviceOpt, progress: bool = typer.Option(True, "--progress/--no-progress")):
+def resume(run_dir: Path = typer.Argument(...), device: str = DeviceOpt, progress: bool = typer.Option(True, "--progress/--no-progress"),
+           threads: Optional[str] = ThreadsOpt):
     """Continue a killed run; the output is bit-identical to an uninterrupted run."""
     from bmmstream.api import resume as _resume
 
     _stop_on_signals(run_dir)
     try:
-        path = _resume(run_dir, device=device, progress=progress)
+        path = _resume(run_dir, device=device, progress=progress, threads=_threads(threads))
     except BmmError as e:
         _fail(e)
     typer.echo(f"merged model: {path}")
@@ -170,6 +183,13 @@ def search(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory (history, scores, statistics)"),
     device: str = DeviceOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    threads: Optional[str] = ThreadsOpt,
+    executor: str = typer.Option("local", "--executor", help="local, or ray: trials evaluated by Ray workers, "
+                                 "each with a resident model (pip install 'bmmstream[ray]')"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers = trials in flight (default: "
+                                          "the cluster's GPUs for cuda, else 1)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto, or "
+                                          "HEAD_IP:6379 after `ray start --head`); default: a local Ray"),
 ):
     """Search per-block scale and per-group rho on a validation score; write the best model.
     Rerun the same command to resume a killed search."""
@@ -177,7 +197,8 @@ def search(
 
     _stop_on_signals(run_dir)
     try:
-        res = search_merge(config, out=out, run_dir=run_dir, device=device, progress=progress)
+        res = search_merge(config, out=out, run_dir=run_dir, device=device, progress=progress,
+                           threads=_threads(threads), executor=executor, workers=workers, address=address)
     except BmmError as e:
         _fail(e)
     typer.echo(f"best parameters: {json.dumps(res['best_params'], sort_keys=True)}")

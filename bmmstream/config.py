@@ -52,6 +52,20 @@ def model_parameter_problem(key: str, value: Any) -> str | None:
     return None
 
 
+
+AUTO = "auto"  # threads: the rule of bmmstream/executors/threads.py
+
+
+def parse_threads(value: int | str | None) -> int | None:
+    """A `threads` value: an int >= 1, or None for `auto`; ValueError (one line) for anything else."""
+    if value is None or value == AUTO:
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be an integer >= 1 or 'auto', got {value!r}")
+    return value
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -84,6 +98,9 @@ class MergeConfig(BaseModel):
     # the output's vocabulary and tokenizer when experts add tokens (sources/vocab.py):
     # base, union, or model:<a path as written in models / base_model>
     tokenizer_source: str | None = None  # None: base
+    # CPU threads for torch and numba: an int >= 1 or "auto" (bmmstream/executors/threads.py gives the rule);
+    # where the work runs, not what the merge is: run directories and resume ignore it
+    threads: int | str | None = None  # None: auto
 
     @field_validator("models")
     @classmethod
@@ -116,6 +133,12 @@ class MergeConfig(BaseModel):
             raise ValueError(f"must be a positive size (examples: 5GB, 500MiB, 1000000), got {v!r}")
         return size
 
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v):
+        n = parse_threads(v)
+        return AUTO if n is None and v is not None else n
+
     @field_validator("tokenizer_source")
     @classmethod
     def _tokenizer_source(cls, v, info):
@@ -135,6 +158,12 @@ class MergeConfig(BaseModel):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)
+
+    def identity(self) -> dict:
+        """to_dict() without what changes how a merge runs but not what it is (threads)."""
+        d = self.to_dict()
+        d.pop("threads", None)
+        return d
 
 
 def load_config(cfg: dict | str | Path | MergeConfig, origin: str | None = None) -> MergeConfig:

@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -24,13 +26,15 @@ from bmmstream.statistics.data_assisted import calibrate, module_grams
 from bmmstream.config import DTYPES, MergeConfig, load_config
 from bmmstream.errors import BmmError
 from bmmstream.statistics.capture import trim_heap
-from bmmstream.methods.registry import MergeMethod, ModuleInput, get_method
+from bmmstream.methods.registry import MergeMethod, ModuleInput, RawModule, get_method
 from bmmstream.plan.layout import Plan, build_plan
 from bmmstream.output.rundir import RunDir, append_jsonl, write_json_atomic
 from bmmstream.sources import open_source
 from bmmstream.sources.base import ST_TO_TORCH, TORCH_TO_ST, TensorSource
 from bmmstream.sources.vocab import TOKENIZER_FILES, VocabPlan, plan_vocab
 from bmmstream.statistics.store import StatsStore
+from bmmstream.config import AUTO, parse_threads
+from bmmstream.executors.threads import resolve_threads, use_threads
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -44,7 +48,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def default_run_dir(cfg: MergeConfig, origin: str | None) -> Path:
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(cfg.identity(), sort_keys=True).encode()).hexdigest()[:10]
     stem = Path(origin).stem if origin else "merge"
     return Path("bmm-runs") / f"{stem}-{digest}"
 
@@ -116,6 +120,7 @@ class Job:
     method: MergeMethod
     layout: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
     vocab: VocabPlan | None = None  # experts with added tokens: the output's vocabulary (sources/vocab.py)
+    threads: int = 1  # CPU threads for torch and numba (bmmstream/executors/threads.py)
 
     @cached_property
     def specs(self) -> dict:
@@ -160,12 +165,25 @@ def prepare(
     out: str | Path | None = None,
     run_dir: str | Path | None = None,
     device: str | None = "auto",
+    threads: int | str | None = None,
 ) -> Job:
-    """Open, validate and plan a run (new or resumed) without heavy work."""
+    """Open, validate and plan a run (new or resumed) without heavy work.
+
+    `threads` (overrides the config's `threads`): an int >= 1 or "auto". An explicit count is used
+    as given; `auto` is resolved when the run directory is created and recorded in run.json, and a
+    resumed run reuses that count, because CPU reductions split work by thread count and so round
+    by it: a resumed run stays bit-identical to one never stopped."""
     from bmmstream.sources.validate import validate_sources
 
     origin = str(config) if isinstance(config, (str, Path)) else None
+    try:
+        asked = parse_threads(threads)
+    except ValueError as e:
+        raise BmmError(f"threads: {e}") from None
     cfg = load_config(config)
+    if threads is None and isinstance(cfg.threads, int):  # an explicit "auto" overrides the config's count
+        asked = cfg.threads
+    recorded = None
     run = RunDir(Path(run_dir) if run_dir else default_run_dir(cfg, origin))
     if run.exists():
         rec = run.load()
@@ -175,6 +193,7 @@ def prepare(
                 f"{run.root}: run directory holds a different merge; use `bmm resume {run.root}` or another --run-dir"
             )
         cfg = pinned
+        recorded = rec.get("threads")
         out_path = Path(rec["output"])
         if out is not None and Path(out).resolve() != out_path.resolve():
             raise BmmError(f"{run.root}: this run writes to {out_path}, not {out}")
@@ -199,7 +218,8 @@ def prepare(
     infos = sources.base.tensor_infos()
     layout = [(n, vocab.out_shape(n, infos[n].shape) if vocab else tuple(infos[n].shape),
                out_dtype_for(n, infos[n].dtype, cfg)) for unit in plan.units for n in unit]
-    job = Job(cfg, run, out_path.resolve(), dev, sources, plan, method, layout, vocab)
+    n_threads = asked or recorded or resolve_threads(AUTO)
+    job = Job(cfg, run, out_path.resolve(), dev, sources, plan, method, layout, vocab, n_threads)
     from bmmstream.output.writer import disk_error
 
     where = run.root
@@ -208,7 +228,8 @@ def prepare(
             run.root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(
                 run.run_json,
-                {"config": pinned_config(cfg, sources), "output": str(job.out), "bmmstream": __version__},
+                {"config": pinned_config(cfg, sources), "output": str(job.out), "bmmstream": __version__,
+                 "threads": n_threads},
             )
         if not job.out.exists():  # an unwritable output location is refused now, not after the work
             where = job.out  # built as <out>.partial; the user chose <out>
@@ -222,6 +243,7 @@ def prepare(
 def _unpinned(d: dict) -> dict:
     """Config without revision pins, to compare a resumed run with the config it was started from."""
     d = json.loads(json.dumps(d))
+    d.pop("threads", None)  # how the run computes, not what it merges
 
     def strip(spec: str) -> str:
         p = Path(spec).expanduser()
@@ -235,50 +257,85 @@ def _unpinned(d: dict) -> dict:
     return d
 
 
+def _module_input(job: Job, n: str, raw: torch.Tensor, store: StatsStore | None = None) -> ModuleInput:
+    """Base and task vectors of one floating tensor in the compute dtype on the device.
+
+    Why the way it is: the stored base is converted once (transposed in the same copy for a linear
+    stored (d_in, d_out), GPT-2's Conv1D, which reaches methods as (d_out, d_in) like every other);
+    each task vector is E_t - W_pre computed into its slot in one pass when the expert's dtype
+    converts exactly to the compute dtype (the same bits as converting first, then subtracting)."""
+    spec = job.specs[n]
+    dtype = job.cfg.compute_dtype
+    flip = spec.transposed
+    if flip:
+        base = torch.empty(raw.shape[::-1], dtype=dtype, device=job.device)
+        base.copy_(raw.T)
+    else:
+        base = raw.to(job.device, dtype)
+    if not bool(torch.isfinite(base).all()):  # NaN/Inf would reach every method's output
+        raise BmmError(f"{job.sources.base.id}: tensor '{n}' contains NaN or Inf values")
+    deltas = torch.empty((len(job.sources.experts), *base.shape), dtype=dtype, device=job.device)
+    for t, e in enumerate(job.sources.experts):  # filled in place: no T-fold temporary copy
+        et = e.get(n)
+        et = et.T if flip else et
+        if job.device.type == "cpu" and torch.promote_types(et.dtype, dtype) == dtype:
+            torch.sub(et, base, out=deltas[t])  # exact conversion, then the subtraction in `dtype`
+            if not bool(torch.isfinite(deltas[t]).all()) and not bool(torch.isfinite(et).all()):
+                raise BmmError(f"{e.id}: tensor '{n}' contains NaN or Inf values")
+        else:
+            deltas[t].copy_(et)
+            if not bool(torch.isfinite(deltas[t]).all()):
+                raise BmmError(f"{e.id}: tensor '{n}' contains NaN or Inf values")
+            deltas[t] -= base
+        del et
+    grams = None
+    if store is not None and job.needs_grams and spec.kind == "linear":
+        grams = module_grams(store, n, len(job.sources.experts), job.device, dtype)
+    # LoRA experts: per task (B, A) with U_t = B A for the statistics (rank 0 where the delta is
+    # exactly zero); None when some expert has no such form (a full fine-tune): dense statistics
+    factors = None
+    if spec.kind == "linear" and any(hasattr(e, "lora_factors") for e in job.sources.experts):
+        factors = []
+        for t, e in enumerate(job.sources.experts):
+            f = e.lora_factors(n) if hasattr(e, "lora_factors") else None
+            if f is None and not bool(deltas[t].any()):
+                f = (deltas.new_zeros(deltas.shape[1], 0), deltas.new_zeros(0, deltas.shape[2]))
+            if f is None or (f[0].shape[0], f[1].shape[1]) != tuple(deltas.shape[1:]):
+                factors = None
+                break
+            factors.append((f[0].to(job.device), f[1].to(job.device)))
+    return ModuleInput(spec, base, deltas, grams, factors)
+
+
 def _unit_inputs(
     job: Job, names: list[str], store: StatsStore | None = None
 ) -> tuple[list[ModuleInput], dict[str, torch.Tensor]]:
     """Base and task vectors of one unit in the compute dtype on the device; raw tensors that are
     not floating point (ids, masks) are passed through untouched."""
-    by_name = job.specs
-    dtype = job.cfg.compute_dtype
     inputs, passthrough = [], {}
     for n in names:
         raw = job.sources.base.get(n)
         if not raw.is_floating_point():
             passthrough[n] = raw
             continue
-        base = raw.to(job.device, dtype)
-        # a linear stored (d_in, d_out) (GPT-2's Conv1D) reaches methods as (d_out, d_in), like every other
-        flip = by_name[n].transposed
-        if flip:
-            base = base.T.contiguous()
-        if not bool(torch.isfinite(base).all()):  # NaN/Inf would reach every method's output
-            raise BmmError(f"{job.sources.base.id}: tensor '{n}' contains NaN or Inf values")
-        deltas = torch.empty((len(job.sources.experts), *base.shape), dtype=dtype, device=job.device)
-        for t, e in enumerate(job.sources.experts):  # filled in place: no T-fold temporary copy
-            deltas[t].copy_(e.get(n).T if flip else e.get(n))
-            if not bool(torch.isfinite(deltas[t]).all()):
-                raise BmmError(f"{e.id}: tensor '{n}' contains NaN or Inf values")
-            deltas[t] -= base
-        grams = None
-        if store is not None and job.needs_grams and by_name[n].kind == "linear":
-            grams = module_grams(store, n, len(job.sources.experts), job.device, dtype)
-        # LoRA experts: per task (B, A) with U_t = B A for the statistics (rank 0 where the delta is
-        # exactly zero); None when some expert has no such form (a full fine-tune): dense statistics
-        factors = None
-        if by_name[n].kind == "linear" and any(hasattr(e, "lora_factors") for e in job.sources.experts):
-            factors = []
-            for t, e in enumerate(job.sources.experts):
-                f = e.lora_factors(n) if hasattr(e, "lora_factors") else None
-                if f is None and not bool(deltas[t].any()):
-                    f = (deltas.new_zeros(deltas.shape[1], 0), deltas.new_zeros(0, deltas.shape[2]))
-                if f is None or (f[0].shape[0], f[1].shape[1]) != tuple(deltas.shape[1:]):
-                    factors = None
-                    break
-                factors.append((f[0].to(job.device), f[1].to(job.device)))
-        inputs.append(ModuleInput(by_name[n], base, deltas, grams, factors))
+        inputs.append(_module_input(job, n, raw, store))
     return inputs, passthrough
+
+
+def _raw_ok(job: Job) -> bool:
+    """Whether the fused raw-tensor hooks may be asked at all (methods/registry.py RawModule):
+    CPU, float32 compute, no extended vocabulary."""
+    return job.device.type == "cpu" and job.cfg.compute_dtype == torch.float32 and job.vocab is None
+
+
+def _raw_module(job: Job, n: str, base: torch.Tensor) -> RawModule:
+    """The stored tensors of `n` as the sources hold them (memory-mapped, not copied)."""
+    srcs = job.sources
+    return RawModule(job.specs[n], base, [e.get(n) for e in srcs.experts], [s.id for s in srcs.all])
+
+
+def _overrides(method: MergeMethod, hook: str) -> bool:
+    return getattr(type(method), hook) is not getattr(MergeMethod, hook)
 
 
 def _prepass(job: Job, progress: bool) -> None:
@@ -288,42 +345,113 @@ def _prepass(job: Job, progress: bool) -> None:
         job.method.load_prepass_state(json.loads(job.run.prepass.read_text()))
         return
     units = job.plan.units
+    method = job.method
+    use_raw = _raw_ok(job) and _overrides(method, "prepass_observe_raw")
     for i, names in enumerate(tqdm(units, desc="prepass", unit="unit", disable=not progress)):
         if i + 1 < len(units):
             for s in job.sources.all:
                 s.prefetch(units[i + 1])
-        inputs, _ = _unit_inputs(job, names)
-        for inp in inputs:
-            job.method.prepass_observe(inp)
+        for n in names:  # one tensor at a time: memory is one tensor's task vectors, not a unit's
+            raw = job.sources.base.get(n)
+            if not raw.is_floating_point():
+                continue
+            if use_raw and method.prepass_observe_raw(_raw_module(job, n, raw)):
+                continue
+            method.prepass_observe(_module_input(job, n, raw))
         for s in job.sources.all:
             s.release(names)
-    write_json_atomic(job.run.prepass, job.method.prepass_state())
+    write_json_atomic(job.run.prepass, method.prepass_state())
+
+
+def _out_dtypes(job: Job) -> dict[str, torch.dtype]:
+    return {n: ST_TO_TORCH[dt] for n, _, dt in job.layout}
+
+
+def _weight(job: Job, inp: ModuleInput, u: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+    """W_pre + U back in the stored layout (and with the added vocabulary rows). Summed into W_pre's
+    buffer (the same sum, no new one) when `raw`, the stored base, shows it is a copy, not the source's
+    memory-mapped tensor itself, and U is not a view of it."""
+    b = inp.base
+    storage = b.untyped_storage().data_ptr()
+    own = (raw is not None and raw.untyped_storage().data_ptr() != storage and u.shape == b.shape
+           and u.dtype == b.dtype and u.untyped_storage().data_ptr() != storage)
+    w = b.add_(u) if own else b + u
+    w = w.T.contiguous() if inp.spec.transposed else w  # back to the stored layout
+    if job.vocab is not None:  # added tokens' rows: averaged over the experts that have them
+        w = job.vocab.extend(inp.spec.name, w, job.sources.experts)
+    return w
+
+
+def _merge_stream(
+    job: Job, names: list[str], store: StatsStore | None, skip: Callable[[str], bool] = lambda n: False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merged weights of one unit, (name, tensor in the output dtype, stored layout), in unit order.
+
+    Methods that merge a tensor at a time (the base class's merge_unit, or a method declaring
+    `merges_by_module`, e.g. BMM with its per-module statistics) get one tensor's inputs at a time, so
+    memory is one tensor's T task vectors rather than a unit's; the fused hook `merge_raw` is asked
+    first when the run allows it. Methods that override merge_unit (they batch or couple a unit's
+    tensors) get the whole unit, as before. `skip`: tensors already written (a resumed run), not
+    yielded (computed only where the unit path needs them)."""
+    method = job.method
+    out_dt = _out_dtypes(job)
+    with_stats = store is not None and getattr(method, "uses_statistics", False)
+    if _overrides(method, "merge_unit") and not getattr(method, "merges_by_module", False):
+        inputs, passthrough = _unit_inputs(job, names, store)
+        if with_stats:
+            stats = {inp.spec.name: _statistics(job, inp, store) for inp in inputs if inp.spec.kind == "linear"}
+            merged = method.merge_unit(inputs, stats)
+        else:
+            merged = method.merge_unit(inputs)
+        by_name = {inp.spec.name: inp for inp in inputs}
+        for n in names:
+            if n in passthrough:
+                t = passthrough.pop(n)
+            else:
+                t = _weight(job, by_name.pop(n), merged.pop(n))
+            if not skip(n):
+                yield n, t.to(dtype=out_dt[n]).cpu()
+            del t
+        return
+    use_raw = _raw_ok(job) and _overrides(method, "merge_raw")
+    for n in names:
+        if skip(n):
+            continue
+        raw = job.sources.base.get(n)
+        if not raw.is_floating_point():
+            yield n, raw  # passed through (a view keeps its mapping alive until written)
+            continue
+        if use_raw:
+            w = method.merge_raw(_raw_module(job, n, raw), out_dt[n])
+            if w is not None:
+                yield n, w
+                continue
+        inp = _module_input(job, n, raw, store)
+        if with_stats:  # merges_by_module: merge_unit([inp], stats) is the unit's result for this module
+            st = {n: _statistics(job, inp, store)} if inp.spec.kind == "linear" else {}
+            u = method.merge_unit([inp], st)[n]
+            del st
+        else:
+            u = method.merge_unit([inp])[n]
+        inp.deltas = None  # the T task vectors go before the weight is built and converted
+        w = _weight(job, inp, u, raw)
+        del inp, u
+        yield n, w.to(dtype=out_dt[n]).cpu()
+
+
+def _statistics(job: Job, inp: ModuleInput, store: StatsStore) -> dict[str, torch.Tensor]:
+    """A module's statistics: from the store when a killed run computed them, else computed and stored."""
+    name = inp.spec.name
+    if store.has(name):
+        return store.get(name, job.device)
+    st = job.method.module_statistics(inp)
+    store.put(name, st, {"tasks": len(job.sources.experts)})
+    return st
 
 
 def _merge_unit(job: Job, names: list[str], store: StatsStore | None) -> dict[str, torch.Tensor]:
-    inputs, passthrough = _unit_inputs(job, names, store)
-    method = job.method
-    if store is not None and getattr(method, "uses_statistics", False):
-        stats = {}
-        for inp in inputs:
-            if inp.spec.kind != "linear":
-                continue
-            if store.has(inp.spec.name):
-                stats[inp.spec.name] = store.get(inp.spec.name, job.device)
-            else:
-                st = method.module_statistics(inp)
-                store.put(inp.spec.name, st, {"tasks": len(job.sources.experts)})
-                stats[inp.spec.name] = st
-        merged = method.merge_unit(inputs, stats)
-    else:
-        merged = method.merge_unit(inputs)
-    out = dict(passthrough)
-    for inp in inputs:
-        w = inp.base + merged[inp.spec.name]
-        out[inp.spec.name] = w.T.contiguous() if inp.spec.transposed else w  # back to the stored layout
-        if job.vocab is not None:  # added tokens' rows: averaged over the experts that have them
-            out[inp.spec.name] = job.vocab.extend(inp.spec.name, out[inp.spec.name], job.sources.experts)
-    return out
+    """One unit's merged weights, {name: tensor in the output dtype on the CPU} (the Ray workers' call)."""
+    return dict(_merge_stream(job, names, store))
 
 
 def model_card(job: Job) -> str:
@@ -368,7 +496,15 @@ def model_card(job: Job) -> str:
 def execute(job: Job, *, progress: bool = True, executor=None) -> Path:
     """Run (or continue) a prepared job to completion; returns the output folder.
     `executor` (bmmstream.executors.ExecutorSpec, None: local): with kind `ray`, units are computed
-    by Ray workers and still written here in unit order, so the bytes and the resume rules are the same."""
+    by Ray workers and still written here in unit order, so the bytes and the resume rules are the same.
+    torch and numba compute with the job's thread count (Ray workers take the same count) and the
+    caller's counts are restored after."""
+    with use_threads(job.threads):
+        return _execute(job, progress, executor, time.perf_counter())
+
+
+def _execute(job: Job, progress: bool, executor, started: float) -> Path:
+    from bmmstream.output.behind import WriteBehind
     from bmmstream.output.writer import ShardWriter, copy_aux, disk_error, write_config, write_text_atomic
 
     run = job.run
@@ -389,7 +525,9 @@ def execute(job: Job, *, progress: bool = True, executor=None) -> Path:
         metadata={"format": "pt", "merged_by": "bmmstream"},
     )
     uses_store = getattr(job.method, "uses_statistics", False) or job.needs_grams
-    store = StatsStore(run.stats) if uses_store else None
+    store = StatsStore.for_run(run.stats, needs_grams=job.needs_grams, search=job.cfg.search is not None,
+                               keep_statistics=bool(job.cfg.parameters.get("keep_statistics", False))
+                               ) if uses_store else None
     if job.needs_grams:
         try:
             calibrate(job, store, progress)
@@ -398,43 +536,66 @@ def execute(job: Job, *, progress: bool = True, executor=None) -> Path:
     keep = bool(job.cfg.parameters.get("keep_statistics", False))
     units = job.plan.units
     bar = tqdm(total=len(job.layout), desc=f"merge ({job.cfg.merge_method})", unit="tensor", disable=not progress)
+    done = {n for n, _, _ in job.layout if writer.done(n)}  # a resumed run: written before
+    bar.update(len(done))
+    out_dt = _out_dtypes(job)
     remote = None  # Ray workers computing the units (bmmstream/executors/ray_units.py)
+    # the unit before is written (and fsync'd, once) on its own thread while this one is computed
+    behind = WriteBehind(writer, on_written=lambda n: bar.update(1))
+    dropping: list[tuple[int, list[str]]] = []  # (units handed to the writer by then, names)
     try:
         if executor is not None and executor.kind == "ray":
             from bmmstream.executors.ray_units import RayUnits
 
             remote = RayUnits(job, executor, [i for i, names in enumerate(units)
-                                              if not all(writer.done(n) for n in names)])
+                                              if not all(n in done for n in names)])
         for i, names in enumerate(units):
-            todo = [n for n in names if not writer.done(n)]
-            bar.update(len(names) - len(todo))
-            if not todo:
+            if all(n in done for n in names):
                 continue
+            behind.wait_pending(1)  # memory: this unit's outputs and at most one unit's being written
+            _drop_written(store, dropping, behind.done_units)
             if remote is None and i + 1 < len(units):
                 for s in job.sources.all:
                     s.prefetch(units[i + 1])
-            try:
-                merged = remote.take(i) if remote is not None else _merge_unit(job, names, store)
-            except OSError as e:  # the statistics store (reads of inputs fail as BmmError)
-                need = sum((sh[0] + sh[-1]) * sh[-1] for n, sh, _ in job.layout
-                           if n in names and len(sh) == 2 and job.specs[n].kind == "linear")
-                raise disk_error(e, run.stats, need * job.cfg.compute_dtype.itemsize if store else None) from None
-            out_dt = {n: dt for n, _, dt in job.layout}
-            for n in names:
-                if not writer.done(n):
-                    writer.write(n, merged[n].to(ST_TO_TORCH[out_dt[n]]).cpu())
-                bar.update(1)
+            if remote is not None:
+                merged = remote.take(i)
+                stream = iter([(n, merged.pop(n).to(out_dt[n])) for n in names if n not in done])
+                del merged
+            else:
+                stream = _merge_stream(job, names, store, skip=done.__contains__)
+            while True:
+                try:
+                    n, t = next(stream)
+                except StopIteration:
+                    break
+                except OSError as e:  # the statistics store (reads of inputs fail as BmmError)
+                    need = sum((sh[0] + sh[-1]) * sh[-1] for n, sh, _ in job.layout
+                               if n in names and len(sh) == 2 and job.specs[n].kind == "linear")
+                    raise disk_error(e, run.stats, need * job.cfg.compute_dtype.itemsize if store else None) from None
+                behind.put(n, t)
+                del t
+            del stream
             records = getattr(job.method, "solve_records", None)
-            if records:
-                append_jsonl(run.solve_log, records)
+            if records:  # appended once the tensors they describe are journaled
+                batch = list(records)
                 records.clear()
-            if store is not None and not keep:
-                for n in names:
-                    store.drop(n)  # this unit's G and C (calibration Grams stay until the end)
+                behind.end_unit(lambda batch=batch: append_jsonl(run.solve_log, batch))
+            else:
+                behind.end_unit()
+            if store is not None and not keep:  # this unit's G and C, once its tensors are journaled
+                dropping.append((behind.queued_units, names))  # (calibration Grams stay until the end)
             for s in job.sources.all:
                 s.release(names)
-            del merged
             trim_heap()
+        behind.close()
+        _drop_written(store, dropping, behind.done_units)
+    except BaseException:
+        behind.abort()  # what was queued is written; journal what is durable so a rerun resumes from there
+        try:
+            writer.commit()
+        except OSError:
+            pass
+        raise
     finally:
         bar.close()
         if remote is not None:
@@ -462,10 +623,18 @@ def execute(job: Job, *, progress: bool = True, executor=None) -> Path:
         copy_aux(tok, job.partial, [f for f in tok.aux_files() if f in TOKENIZER_FILES])
     write_text_atomic(job.partial / "README.md", model_card(job))
     os.replace(job.partial, job.out)
-    _write_manifest(job)
+    _write_manifest(job, seconds=time.perf_counter() - started)
     if store is not None and not keep:
         shutil.rmtree(run.stats, ignore_errors=True)
     return job.out
+
+
+def _drop_written(store: StatsStore | None, dropping: list[tuple[int, list[str]]], committed: int) -> None:
+    """Drop the statistics of units whose tensors are journaled (never before: a run killed in between
+    resumes by reusing them)."""
+    while dropping and dropping[0][0] <= committed:
+        for n in dropping.pop(0)[1]:
+            store.drop(n)
 
 
 def _config_dtype(job: Job) -> torch.dtype:
@@ -475,9 +644,14 @@ def _config_dtype(job: Job) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def _write_manifest(job: Job) -> None:
+def _write_manifest(job: Job, seconds: float | None = None) -> None:
+    """`seconds`: this invocation's wall time in execute (prepass, statistics, merge, writing; not the
+    interpreter's start-up, imports or opening the sources), what benchmarks set against a read of the inputs."""
     files = {p.name: p.stat().st_size for p in sorted(job.out.iterdir()) if p.is_file()}
-    write_json_atomic(job.run.manifest, {"complete": True, "output": str(job.out), "files": files})
+    rec = {"complete": True, "output": str(job.out), "files": files, "threads": job.threads}
+    if seconds is not None:
+        rec["execute_seconds"] = round(seconds, 4)
+    write_json_atomic(job.run.manifest, rec)
 
 
 def status(run_dir: str | Path) -> dict:

@@ -151,25 +151,82 @@ def test_more_workers_than_slots_is_refused_not_a_hang(cluster, tiny_llama_suite
               device="cpu", progress=False, executor="ray", workers=3)
 
 
+def _data_offset(st: Path, name: str) -> int:
+    """Absolute file offset of a tensor's first byte in a safetensors file."""
+    n = int.from_bytes(st.read_bytes()[:8], "little")
+    return 8 + n + json.loads(st.read_bytes()[8:8 + n])[name]["data_offsets"][0]
+
+
+def test_hub_bytes_a_worker_merged_are_verified(cluster, tiny_llama_suite, tmp_path, monkeypatch):
+    """The loopback Hub flips one bit of a layer tensor the first time a data range holding it is
+    served (a worker's read); later reads (the driver's end-of-run verify) get the true bytes. The
+    driver's verify must fail the run on the worker's bytes, as a local run fails on its own."""
+    from hub_fixtures import load_server_module, serve_suite
+
+    import huggingface_hub.constants as hfc
+
+    from bmmstream.api import merge
+
+    mod = load_server_module()
+    serve_suite(tmp_path / "hub-root", tiny_llama_suite)
+    n = "model.layers.1.mlp.down_proj.weight"
+    target = next(tiny_llama_suite.experts[1].glob("*.safetensors")).resolve()
+    at = _data_offset(target, n) + 5
+    flipped = []
+    real = mod._Handler._stream
+
+    def stream(self, p, start, length, *, corrupt, bitflip=False):
+        if not flipped and start > 0 and start <= at < start + length and Path(p).resolve() == target:
+            flipped.append(start)
+            with open(p, "rb") as f:
+                f.seek(start)
+                data = bytearray(f.read(length))
+            data[at - start] ^= 1
+            self.hub.add_bytes(len(data))
+            self.wfile.write(bytes(data))
+            return
+        return real(self, p, start, length, corrupt=corrupt, bitflip=bitflip)
+
+    monkeypatch.setattr(mod._Handler, "_stream", stream)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", False)
+    with mod.HubServer(tmp_path / "hub-root") as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)  # the workers get it from the driver
+        cfg = _cfg(tiny_llama_suite, "task_arithmetic") | {
+            "base_model": "org/base", "models": [{"model": f"org/expert_{i}"} for i in range(3)]}
+        with pytest.raises(BmmError, match=r"^Hub repo 'org/expert_1' at revision [0-9a-f]{40}, file "
+                                           r"'model.safetensors': tensor 'model.layers.1.mlp.down_proj.weight' read "
+                                           r"twice with different bytes"):
+            merge(cfg, out=tmp_path / "out", run_dir=tmp_path / "run", device="cpu", progress=False,
+                  executor="ray", workers=2)
+    assert flipped, "no worker read the tensor from the loopback Hub"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
-def test_a_local_merge_never_imports_ray(tiny_llama_suite, tmp_path):
+def test_a_local_merge_or_search_never_imports_ray(tiny_llama_suite, tmp_path):
     cfg = json.dumps(_cfg(tiny_llama_suite, "task_arithmetic") | {"merge_method": "task_arithmetic",
                                                                   "parameters": {}})
+    search = json.dumps(_cfg(tiny_llama_suite, "task_arithmetic") | {"search": {
+        "optimizer": "random", "budget": 2, "full_top_k": 0, "scorer": {"callable": "sys:getsizeof"}}})  # any number will do
     r = _run(f"""
 import sys, json
 import bmmstream, bmmstream.api, bmmstream.cli, bmmstream.pipeline, bmmstream.executors
-from bmmstream.api import merge
+from bmmstream.api import merge, search_merge
 merge(json.loads({cfg!r}), out={str(tmp_path / 'out')!r}, run_dir={str(tmp_path / 'run')!r}, device='cpu',
       progress=False)
+search_merge(json.loads({search!r}), out={str(tmp_path / 'sout')!r}, run_dir={str(tmp_path / 'srun')!r},
+             device='cpu', progress=False)
 print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))
 """)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
-    assert (tmp_path / "out" / "config.json").exists()
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "sout" / "config.json").exists()
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -3,11 +3,14 @@
 Why this shape: a merge produces one tensor at a time and may be killed at any moment. Since the
 whole layout (names, shapes, dtypes, order) is known before the first tensor exists, every shard's
 header can be written up front and each tensor's bytes appended as it arrives; a journal line after
-each fsync'd tensor records how far the shard is valid. On restart the temporary shard is cut back
-to the last journaled offset and writing continues. Files depend only on the layout and the tensor
+the tensor's bytes were fsync'd records how far the shard is valid. A caller may batch (write(...,
+commit=False), then commit()): one data fsync, then the batch's journal lines and one journal fsync,
+so a tensor is still journaled only once its bytes are durable, at two fsyncs per batch instead of
+two per tensor. On restart the temporary shard is cut back to the last journaled offset and writing
+continues. Files depend only on the layout and the tensor
 values, so an interrupted-then-resumed run is byte-identical to an uninterrupted one.
 
-Journal format (JSON lines, each fsync'd):
+Journal format (JSON lines, fsync'd after each append):
   {"writer": 1, "fingerprint": "<sha256 of layout, shard size, metadata>"}   first line
   {"tensor": name, "shard": i, "end": byte offset in the shard file after this tensor}
   {"shard_done": i}                        after the shard was renamed to its final name
@@ -201,7 +204,8 @@ def tensor_bytes(tensor: torch.Tensor, dtype: str) -> memoryview:
 class ShardWriter:
     """Write tensors in layout order into safetensors shards; survive being killed at any point.
 
-    Holds at most the one tensor being written (plus its converted copy).
+    Holds at most the one tensor being written (plus its converted copy). Not thread-safe: one
+    thread writes (bmmstream/output/behind.py runs it on its own).
     """
 
     def __init__(
@@ -225,14 +229,16 @@ class ShardWriter:
         self.fingerprint = hashlib.sha256(fp_src.encode()).hexdigest()
         self._next = 0  # index into layout of the next tensor to write
         self._file = None  # open tmp shard being filled
+        self._pending: list[dict] = []  # journal records of tensors written to the file, not yet durable
         self._finalized = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.journal_path.parent.mkdir(parents=True, exist_ok=True)
         self._resume()
 
     # -- journal --------------------------------------------------------------------------
-    def _append(self, rec: dict) -> None:
-        self._journal.write(json.dumps(rec, separators=(",", ":")) + "\n")
+    def _append(self, rec: dict | list[dict]) -> None:
+        recs = rec if isinstance(rec, list) else [rec]
+        self._journal.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
         self._journal.flush()
         os.fsync(self._journal.fileno())
 
@@ -331,8 +337,9 @@ class ShardWriter:
             raise KeyError(name)
         return self._pos[name] < self._next
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append `name`'s bytes; must be the next tensor of the layout."""
+    def write(self, name: str, tensor: torch.Tensor, commit: bool = True) -> None:
+        """Append `name`'s bytes; must be the next tensor of the layout. commit=False leaves the
+        fsync and the journal line to the next commit() (a shard's last tensor commits anyway)."""
         expected = self.next_name()
         if name != expected:
             if expected is None:
@@ -352,21 +359,45 @@ class ShardWriter:
                 self._file.write(sh.header)
             self._write_data(data)
         except OSError as e:
+            self._commit_written()  # what went out whole before this tensor is kept for the resume
             left = sh.size - (sh.ends[k - 1] if k else 0) + sum(s.size for s in self.shards[sh.index + 1 :])
             raise disk_error(e, tmp, left) from None
         del data
-        self._append({"tensor": name, "shard": sh.index, "end": sh.ends[k]})
+        self._pending.append({"tensor": name, "shard": sh.index, "end": sh.ends[k]})
         self._next += 1
+        if commit or k == len(sh.names) - 1:
+            self.commit()
         if k == len(sh.names) - 1:
             self._file.close()
             self._file = None
             self._complete_shard(sh, tmp)
 
-    def _write_data(self, data: memoryview) -> None:
-        """Append a tensor's bytes to the open shard and make them durable (a test seam for a full disk)."""
-        self._file.write(data)
+    def commit(self) -> None:
+        """Make the tensors written since the last commit durable, then journal them (one fsync each)."""
+        if not self._pending:
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
+        self._append(self._pending)
+        self._pending = []
+
+    def _commit_written(self) -> None:
+        """After a failed write: journal the earlier tensors of the batch if their bytes (already handed
+        to the OS by _write_data) can be made durable; the failed tensor's partial bytes stay unjournaled."""
+        if not self._pending or self._file is None:
+            return
+        try:
+            os.fsync(self._file.fileno())
+            self._append(self._pending)
+        except OSError:
+            return  # not durable: the resume rewrites them
+        self._pending = []
+
+    def _write_data(self, data: memoryview) -> None:
+        """Append a tensor's bytes to the open shard and hand them to the OS (a test seam for a full
+        disk); commit() makes them durable."""
+        self._file.write(data)
+        self._file.flush()
 
     def finalize(self) -> list[Path]:
         """Write the index (when sharded) last; return the shard paths."""
@@ -390,6 +421,7 @@ class ShardWriter:
         return [self.out_dir / sh.filename for sh in self.shards]
 
     def close(self) -> None:
+        self._commit_written()  # a batch written whole before close() is kept
         if self._file is not None:
             self._file.close()
             self._file = None

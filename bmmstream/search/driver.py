@@ -18,6 +18,10 @@ Resume is a deterministic replay: the optimiser is rebuilt with the same seed, a
 sequence and told the recorded scores, so its state after the replay equals the state of an
 uninterrupted run. Each re-asked point is compared with the recorded one; a difference stops the
 search with an error instead of silently diverging.
+
+With `submit` (evaluations run elsewhere: Ray actors, search/run.py) the search phase keeps
+`num_workers` trials in flight and tells each as its result arrives (`_search_async`); the history
+is then in arrival order and records each trial's ask index, which is what a resume replays.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ from bmmstream.search.space import SearchSpace
 log = logging.getLogger("bmmstream.search")
 
 BASELINES = ("grid", "random")
+# evaluation elsewhere (Ray workers): submit(fidelity, point) -> a future of (evaluate's answer, seconds)
+Submit = Callable[[str, dict], concurrent.futures.Future]
 DESIGNS = ("staged", "paper_bo")  # our own names beside nevergrad's
 
 
@@ -193,8 +199,12 @@ class _Scorer:
     def run(self, params: dict) -> tuple[float, float, list[float] | None]:
         """Evaluate for real (no cache lookup); store the score (and rows) in the cache at once."""
         t0 = time.perf_counter()
-        score, rows = split_score(self.fn(params), self.fidelity)
-        seconds = time.perf_counter() - t0
+        raw = self.fn(params)
+        return self.record(params, raw, time.perf_counter() - t0)
+
+    def record(self, params: dict, raw: Any, seconds: float) -> tuple[float, float, list[float] | None]:
+        """An evaluation's answer (run here or by a remote worker) into the cache, at once."""
+        score, rows = split_score(raw, self.fidelity)
         with self._lock:
             self.evaluations += 1
             self.cache.put(self.key(params), score, rows, fidelity=self.fidelity, scorer=self.scorer_id,
@@ -222,10 +232,10 @@ def split_score(raw: Any, fidelity: str = "full") -> tuple[float, list[float] | 
 
 
 def _score_batch(
-    points: list[tuple[int, str, dict]], scorer: _Scorer, history: History, pool
+    points: list[tuple[int, str, dict]], scorer: _Scorer, history: History, pool, submit: Submit | None = None
 ) -> list[Trial]:
     """Trials for (index, phase, params): replayed from history, cached, or evaluated (in parallel
-    when a pool is given). History records are appended in index order."""
+    when a pool or `submit` is given). History records are appended in index order."""
     out: dict[int, Trial] = {}
     todo: dict[str, list[tuple[int, str, dict]]] = {}
     for idx, phase, params in points:
@@ -249,7 +259,10 @@ def _score_batch(
         else:
             todo.setdefault(key, []).append((idx, phase, params))
     groups = list(todo.items())
-    if pool is not None and len(groups) > 1:
+    if submit is not None:
+        futures = [submit(scorer.fidelity, g[1][0][2]) for g in groups]
+        results = [scorer.record(g[1][0][2], *f.result()) for g, f in zip(groups, futures)]
+    elif pool is not None and len(groups) > 1:
         results = list(pool.map(lambda g: scorer.run(g[1][0][2]), groups))
     else:
         results = [scorer.run(g[1][0][2]) for g in groups]
@@ -261,6 +274,76 @@ def _score_batch(
     for t in trials:
         if t.trial == len(history):
             history.append(t)
+    return trials
+
+
+def _search_async(asker: _Asker, scorer: _Scorer, history: History, submit: Submit, budget: int,
+                  num_workers: int) -> list[Trial]:
+    """The search phase with `num_workers` trials in flight: a trial is told as soon as its result
+    arrives and the freed slot is asked at once (the staged design, which decides between batches,
+    is asked a new batch only when every point it was given has been told).
+
+    History records are appended in the order the results were told; each keeps the index of its
+    ask (extra["ask"], when num_workers > 1). A resumed search replays that order: the optimiser is
+    asked and told in the recorded interleaving, so its state equals the uninterrupted run's. Among
+    results ready together, the earliest ask is told first (so evaluations done in this process,
+    one at a time, give one fixed order)."""
+    batched = isinstance(asker, StagedAsker)
+    pending: dict[int, tuple[Any, dict]] = {}  # ask index -> (handle, params), not told yet
+    running: dict[str, tuple[concurrent.futures.Future, dict]] = {}  # cache key -> (evaluation in flight, point)
+    fresh: dict[str, float] = {}  # keys evaluated by this call and not told yet -> seconds
+    trials: list[Trial] = []
+    asked = 0
+    while len(trials) < budget:
+        room = min(num_workers - len(pending), budget - asked)
+        if room > 0 and (not batched or not pending):
+            for handle, params in asker.ask_batch(room) if batched else [asker.ask() for _ in range(room)]:
+                pending[asked] = (handle, params)
+                asked += 1
+        n = len(trials)
+        if n < len(history):  # replay: the recorded trial, told in its recorded place
+            rec = history.trials[n]
+            a = int(rec.extra.get("ask", n))
+            if a not in pending or rec.params != pending[a][1] or rec.phase != "search" \
+                    or rec.fidelity != scorer.fidelity:
+                got = pending[a][1] if a in pending else None
+                raise BmmError(
+                    f"search resume: trial {n} (ask {a}) re-asked search point {got} at {scorer.fidelity} "
+                    f"fidelity, but the history in {history.log.path} recorded {rec.phase} point {rec.params} at "
+                    f"{rec.fidelity} fidelity; the optimiser did not replay deterministically "
+                    f"(different nevergrad version?) - start a new run directory")
+            t = rec
+        else:
+            for handle, params in pending.values():
+                key = scorer.key(params)
+                if key not in running and key not in fresh and scorer.cache.get(key) is None:
+                    running[key] = (submit(scorer.fidelity, params), params)
+            for key in [k for k, (f, _) in running.items() if f.done()]:
+                f, params = running.pop(key)
+                raw, seconds = f.result()  # a worker's error is raised here
+                scorer.record(params, raw, seconds)
+                fresh[key] = seconds
+            ready = [a for a, (_, p) in pending.items() if scorer.cache.get(scorer.key(p)) is not None]
+            if not ready:
+                concurrent.futures.wait([f for f, _ in running.values()],
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                continue
+            a = min(ready)
+            params = pending[a][1]
+            key = scorer.key(params)
+            rows = scorer.cache.rows(key)
+            extra = {"ask": a} if num_workers > 1 else {}
+            if rows is not None:
+                extra["rows"] = rows
+            seconds = fresh.pop(key, None)
+            t = Trial(n, "search", params, scorer.fidelity, scorer.cache.get(key), seconds or 0.0,
+                      cached=seconds is None, key=key, extra=extra)
+            history.append(t)
+        handle, _ = pending.pop(a)
+        asker.tell(handle, t.score, t.extra.get("rows"), t.params)
+        log.info("trial %d/%d %s score %.6g%s", t.trial + 1, budget, t.fidelity, t.score,
+                 " (cached)" if t.cached else "")
+        trials.append(t)
     return trials
 
 
@@ -285,6 +368,7 @@ def run_search(
     context: str = "",
     write_report: bool = True,
     design: dict | DesignOptions | None = None,
+    submit: Submit | None = None,
 ) -> SearchResult:
     """Maximise `evaluate(point)` over `space` with `budget` trials; resumable from `run_dir`.
 
@@ -299,6 +383,10 @@ def run_search(
       the scorer, its data, or the models being merged change.
     - num_workers > 1 evaluates batches in a thread pool: only for thread-safe evaluate functions
       (not for one resident model updated in place).
+    - submit(fidelity, point) -> a future of (evaluate's answer, seconds): evaluations run elsewhere
+      (Ray workers, search/run.py); `num_workers` trials are then in flight and each is told as its
+      result arrives (`_search_async`); evaluate / proxy_evaluate are not called, proxy_evaluate
+      only says that there is a proxy fidelity. The cache and history stay here.
     """
     if not isinstance(budget, int) or budget < 1:
         raise BmmError(f"search.budget must be an integer >= 1, got {budget!r}")
@@ -319,6 +407,8 @@ def run_search(
     }
     if optimizer == "staged":  # only here, so the ids of other optimisers' searches stay as they were
         meta["design"] = opts.signature()
+    if submit is not None and num_workers > 1:  # told as results arrive: another search than batches
+        meta["dispatch"] = "async"
     root = Path(run_dir) / "search"
     search_dir = root / _search_id(meta)
     search_dir.mkdir(parents=True, exist_ok=True)
@@ -331,9 +421,11 @@ def run_search(
         log.info("search %s: resuming after %d recorded trials", search_dir.name, len(history))
 
     asker = _make_asker(space, optimizer, budget, seed, num_workers, opts)
-    pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 1 else None
+    pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 1 and submit is None else None
     try:
         search_trials: list[Trial] = []
+        if submit is not None:
+            search_trials = _search_async(asker, proxy, history, submit, budget, num_workers)
         while len(search_trials) < budget:
             n = min(num_workers, budget - len(search_trials))
             asked = asker.ask_batch(n)
@@ -358,7 +450,7 @@ def run_search(
                     seen.add(k)
                     ranked.append(t)
             points = [(budget + r, "final", t.params) for r, t in enumerate(ranked[:full_top_k])]
-            final_trials = _score_batch(points, full, history, pool)
+            final_trials = _score_batch(points, full, history, pool, submit)
     finally:
         if pool is not None:
             pool.shutdown()

@@ -15,6 +15,8 @@
    history in the run directory (a killed search resumes with the same history; the factors
    already stored are not recomputed), re-scores the best few at full fidelity; the best point is
    then written by the ordinary streaming merge.
+4. `executor: ray` (search/ray_trials.py): step 2 runs on N Ray actors, each with a resident
+   model of its own, N trials in flight and told as they arrive; steps 1 and 3 stay here.
 
 Memory: one resident model in the compute dtype + two units' factors + one unit's W_pre (the
 statistics pass: one unit's checkpoints and statistics, as a merge). The model itself must fit
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bmmstream.errors import BmmError
+from bmmstream.search.posterior import PosteriorOptions
 from bmmstream.solve.spectral import prepare as spectral_prepare
 from bmmstream.solve.closed_form import bmm_solve
 
@@ -543,6 +547,61 @@ class _CostLog:
         return {"evaluations": len(recs), "mean": mean, "trials": recs}
 
 
+def _ray_trials(job, model, store, s: dict, key: str, progress: bool, spec, costs: "_CostLog", full, proxy,
+                tok_dir, origin: Path):
+    """The statistics pass here (factors to the store, the model's other tensors filled), then Ray
+    actors that evaluate trials on resident models of their own. Returns (RayTrials, layout)."""
+    from bmmstream.search.ray_trials import RayTrials, save_resident
+
+    opts = FactorOptions.from_search(s)
+    cb = torch.empty((), dtype=job.cfg.compute_dtype).element_size()
+    base_bytes = sum(math.prod(m.shape) for m in job.plan.modules if m.kind == "linear") * cb
+    keep = resolve_keep_base(opts.keep_base, job.device, base_bytes)  # each actor keeps its own W_pre
+    units, params, _ = _write_factors(job, model, store, opts, False, progress)
+    save_resident(job.run.root, model, params, {m.name for u in units for m in u})
+    del params
+    ids = {"full": (full.id, full.data_hash), "proxy": (proxy.id, proxy.data_hash) if proxy is not None else None}
+    remote = RayTrials(job, spec, units=units, key=key, keep_base=keep,
+                       scorer_cfg=s["scorer"], scorer_dir=str(origin), tokenizer_dir=str(tok_dir) if tok_dir else None,
+                       expected_ids=ids, on_cost=lambda p, f, c: costs.add(p, f, TrialCost(**c)))
+    return remote, {"in_core": False, "keep_base": keep, "keep_base_option": opts.keep_base,
+                    "factor_dtype": opts.dtype, "factor_energy": opts.energy, "executor": "ray",
+                    "workers": remote.size}
+
+
+def _in_flight(job, s: dict, remote) -> int:
+    """Trials in flight: `search.num_workers`, else what this run's search started with (recorded in
+    <run>/search_dispatch.json, so a resumed search, on Ray or not, continues the same search), else
+    the Ray workers, else 1."""
+    from bmmstream.output.writer import write_json_atomic
+
+    rec = job.run.root / "search_dispatch.json"
+    if "num_workers" in s:
+        n = int(s["num_workers"])
+    elif rec.is_file():
+        n = int(json.loads(rec.read_text())["num_workers"])
+    else:
+        n = remote.size if remote is not None else 1
+    if n > 1 and not rec.is_file():
+        write_json_atomic(rec, {"num_workers": n})
+    return n
+
+
+def _local_submit(fns: dict):
+    """The driver's Submit for trials in flight evaluated here, one at a time (a resumed Ray search,
+    or `search.num_workers` > 1 without Ray): each future is done when returned."""
+    import concurrent.futures
+    import time
+
+    def submit(fidelity: str, point: dict) -> concurrent.futures.Future:
+        f: concurrent.futures.Future = concurrent.futures.Future()
+        t0 = time.perf_counter()
+        f.set_result((fns[fidelity](point), time.perf_counter() - t0))
+        return f
+
+    return submit
+
+
 def plan_search(config, device: str = "auto") -> dict:
     """`bmm plan` for a config with a `search:` section: the merge's plan report plus, under
     "search", the out-of-core search's estimates (statistics store on disk with the factors, peak
@@ -591,6 +650,31 @@ def best_parameters(point: dict, base_params: dict, key: str) -> dict:
     return p
 
 
+def _posterior_report(job, store, s: dict, key: str, best: dict, scorer, opts, progress: bool,
+                      model=None, apply=None) -> dict:
+    """Accuracy and ECE of the posterior-sampled ensemble and of the MAP model at the best point
+    (search.posterior), written to search-report/posterior.json. The point is applied to the search's
+    resident model as a trial would be (with Ray, where the driver holds none, one is built here)."""
+    from bmmstream.search.posterior import module_posteriors, posterior_evaluate
+
+    point = _with_fixed_groups(best, job.method, key)
+    posts = module_posteriors(job.plan, store, point, key, list(opts.modules) if opts.modules else None)
+    layout = None
+    if model is None:
+        model = _resident_model(job)
+        apply, layout = _trial_runner(job, model, store, {**s, "in_core": False}, key, progress)
+    apply(point)
+    report = posterior_evaluate(model, posts, scorer.predict, opts)
+    out = job.run.root / "search-report" / "posterior.json"
+    out.write_text(json.dumps(report, indent=2, sort_keys=True))
+    logging.getLogger("bmmstream.search").info(
+        "posterior (S=%d, beta=%g): accuracy %.4f, ECE %.4f; MAP accuracy %.4f, ECE %.4f -> %s",
+        report["samples"], report["beta"], report["accuracy"], report["ece"], report["map_accuracy"],
+        report["map_ece"], out)
+    del model, apply, layout
+    return report
+
+
 def search_merge(
     config,
     *,
@@ -598,10 +682,21 @@ def search_merge(
     run_dir: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    executor=None,
+    workers: int | None = None,
+    address: str | None = None,
+    threads: int | str | None = None,
 ) -> dict:
     """Search BMM's block-tied hyperparameters, then write the best merged model.
+    `threads`: as pipeline.prepare's (the statistics pass, the trials and the final merge).
 
-    Returns {"output", "best_params", "best_score", "evaluations", "report_dir"}."""
+    `executor="ray"` (or {"kind": "ray", "workers": N, "address": A}, bmmstream.executors): trials
+    are evaluated by N Ray actors, each with a resident model, N trials in flight (`search.num_workers`
+    overrides); the statistics pass, the optimiser, the score cache, the history and the final
+    write stay in this process. Returns {"output", "best_params", "best_score", "evaluations",
+    "report_dir"}."""
+    from bmmstream.executors import executor_spec
+
     from bmmstream.statistics.data_assisted import _tokenizer_dir, calibrate
     from bmmstream.statistics.calibration_data import load_tokenizer
     from bmmstream.config import load_config
@@ -620,15 +715,22 @@ def search_merge(
         raise BmmError("search: the config has no 'search:' section")
     s = dict(cfg.search)
     known = {"optimizer", "budget", "seed", "rho_range", "lam_range", "scale_range", "eps_range", "scorer",
-             "full_top_k", "num_workers", "keep_base", "factors", "in_core", "preset", "design"}
+             "full_top_k", "num_workers", "keep_base", "factors", "in_core", "preset", "design", "posterior"}
     unknown = sorted(set(s) - known)
     if unknown:
         raise BmmError(f"search: unknown key(s) {unknown}; known: {sorted(known)}")
     if "scorer" not in s:
         raise BmmError("search: a scorer is needed, e.g. scorer: {callable: 'my_module:score'}")
     FactorOptions.from_search(s)  # refused before any work
+    posterior = PosteriorOptions.from_config(s["posterior"]) if s.get("posterior") is not None else None
+    spec = executor_spec(executor, workers, address)
+    if spec.kind == "ray" and s.get("in_core", False):
+        raise BmmError("search.in_core: true evaluates trials in this process; drop it to use --executor ray")
+    if "num_workers" in s and (isinstance(s["num_workers"], bool) or not isinstance(s["num_workers"], int)
+                               or s["num_workers"] < 1):
+        raise BmmError(f"search.num_workers must be an integer >= 1, got {s['num_workers']!r}")
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg, str(config) if origin else None)
-    job = prepare(cfg, out=out, run_dir=run_dir, device=device)
+    job = prepare(cfg, out=out, run_dir=run_dir, device=device, threads=threads)
     try:
         # scorer data named relative to the first run's config stay the same files when the run is
         # resumed (`bmm resume R`, from any working directory)
@@ -663,15 +765,21 @@ def search_merge(
             import time
 
             model = _resident_model(job)
-            apply, layout = _trial_runner(job, model, store, s, key, progress)
             costs = _CostLog(job.run.root / "search_costs.jsonl")
+            remote = None  # Ray actors evaluating the trials (bmmstream/search/ray_trials.py)
+            if spec.kind == "ray":
+                remote, layout = _ray_trials(job, model, store, s, key, progress, spec, costs, full, proxy,
+                                             tok_dir, origin)
+                model = apply = None  # the actors hold the models
+            else:
+                apply, layout = _trial_runner(job, model, store, s, key, progress)
 
             def scored(scorer, fidelity: str):
                 def fn(point: dict) -> float:
                     cost = apply(_with_fixed_groups(point, job.method, key))
                     t0 = time.perf_counter()
                     with torch.no_grad():
-                        score = scorer(model)  # a float, or (score, per-row scores) for the noise guard
+                        score = scorer.scored(model)  # (score, per-row scores or None) for the noise guard
                     cost.score_s = time.perf_counter() - t0
                     costs.add(point, fidelity, cost)
                     return score
@@ -680,15 +788,25 @@ def search_merge(
 
             ctx = hashlib.sha256(json.dumps({k: v for k, v in job.run.load()["config"].items() if k != "search"},
                                             sort_keys=True).encode()).hexdigest()[:16]
-            result = run_search(
-                space, scored(full, "full"), optimizer=s.get("optimizer", "staged"), budget=int(s.get("budget", 40)),
-                seed=int(s.get("seed", cfg.seed)), run_dir=job.run.root,
-                proxy_evaluate=scored(proxy, "proxy") if proxy is not None else None,
-                full_top_k=int(s.get("full_top_k", 3)), num_workers=1,
-                scorer_id=full.id, proxy_scorer_id=proxy.id if proxy is not None else "proxy",
-                data_hash=full.data_hash, context=ctx, write_report=False, design=s.get("design"),
-            )
+            fns = {"full": scored(full, "full"), "proxy": scored(proxy, "proxy") if proxy is not None else None}
+            try:
+                in_flight = _in_flight(job, s, remote)
+                result = run_search(
+                    space, fns["full"], optimizer=s.get("optimizer", "staged"), budget=int(s.get("budget", 40)),
+                    seed=int(s.get("seed", cfg.seed)), run_dir=job.run.root, proxy_evaluate=fns["proxy"],
+                    full_top_k=int(s.get("full_top_k", 3)), num_workers=in_flight,
+                    scorer_id=full.id, proxy_scorer_id=proxy.id if proxy is not None else "proxy",
+                    data_hash=full.data_hash, context=ctx, write_report=False, design=s.get("design"),
+                    submit=remote.submit if remote is not None else _local_submit(fns) if in_flight > 1 else None,
+                )
+                if remote is not None:
+                    remote.check_reads(job.sources.all)
+            finally:
+                if remote is not None:
+                    remote.close()
             write_report(result, job.run.root / "search-report")
+            if posterior is not None:  # the paper's App. B at the chosen point, while G is in the store
+                _posterior_report(job, store, s, key, result.best_params, full, posterior, progress, model, apply)
             (job.run.root / "search-report" / "space.json").write_text(json.dumps(space_record, indent=2))
             trials = layout.pop("trials", None)
             summary = {**layout, **costs.summary()}

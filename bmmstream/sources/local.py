@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from pathlib import Path
 
 import torch
@@ -21,8 +23,15 @@ from bmmstream.sources.header import parse_header
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header; raise BmmError naming the file if it is not valid."""
+    return {name: info for name, (info, _, _) in read_header_spans(path).items()}
+
+
+def read_header_spans(path: Path) -> dict[str, tuple[TensorInfo, int, int]]:
+    """Like read_header, with each tensor's absolute byte span [start, end) in the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -34,7 +43,45 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             entries = parse_header(str(path), read, size)
     except OSError as e:
         raise BmmError(f"{path}: cannot read ({e.strerror or e})") from e
-    return {name: info for name, (info, _, _) in entries.items()}
+    return entries
+
+
+class _ReadAhead:
+    """One background thread asking the kernel to read file spans into the page cache
+    (posix_fadvise WILLNEED), so the next unit's bytes arrive while this one is computed.
+    Only a hint: a span it never reaches is read on demand, as without it."""
+
+    def __init__(self):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, spans: list[tuple[Path, int, int]]) -> None:
+        if not spans or not hasattr(os, "posix_fadvise"):
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="bmm-read-ahead", daemon=True)
+                self._thread.start()
+        self._q.put(spans)
+
+    def _run(self) -> None:
+        while True:
+            spans = self._q.get()
+            for path, start, end in spans:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+
+
+READ_AHEAD = _ReadAhead()
 
 
 def find_weight_files(folder: Path) -> list[Path]:
@@ -94,8 +141,9 @@ class LocalSource:
         files = find_weight_files(self.path)
         self._infos: dict[str, TensorInfo] = {}
         self._where: dict[str, Path] = {}
+        self._span: dict[str, tuple[int, int]] = {}  # byte span in its file, for read-ahead
         for f in files:
-            for name, info in read_header(f).items():
+            for name, (info, start, end) in read_header_spans(f).items():
                 if name in self._where:
                     raise BmmError(
                         f"{self.folder}: tensor '{name}' appears in both "
@@ -103,6 +151,7 @@ class LocalSource:
                     )
                 self._infos[name] = info
                 self._where[name] = f
+                self._span[name] = (start, end)
         self._check_index(files)
         self._handles: dict[Path, object] = {}
         self._config: dict | None = None
@@ -128,6 +177,8 @@ class LocalSource:
         return dict(self._config)
 
     def get(self, name: str) -> torch.Tensor:
+        """The stored tensor, a zero-copy view of the memory-mapped file (read-only use: the
+        mapping is private, so a write would copy the page, never change the file)."""
         where = self._where.get(name)
         if where is None:
             raise BmmError(f"{self.id}: no tensor '{name}'")
@@ -144,7 +195,10 @@ class LocalSource:
             raise BmmError(f"{where}: cannot read tensor '{name}' ({e})") from e
 
     def prefetch(self, names: list[str]) -> None:
-        """Nothing to do: the OS pages memory-mapped bytes in on demand."""
+        """Ask the kernel (on a background thread) to read these tensors' bytes ahead, in file order:
+        a cold page cache then fills while the current unit is computed, not when it is touched."""
+        spans = sorted((self._where[n], *self._span[n]) for n in names if n in self._where)
+        READ_AHEAD.submit(spans)
 
     def release(self, names: list[str]) -> None:
         """Unmap the shards holding `names`: touched mmap pages count in RSS for as long as the
