@@ -145,7 +145,30 @@ def _torch_lapack(dtype: torch.dtype):
                 _LAPACK[dt] = (getattr(lib, f"{p}potrf_"), getattr(lib, f"{p}potrs_"))
         except (OSError, AttributeError):
             _LAPACK = {}
+        if _LAPACK and not _lapack_agrees():  # another integer ABI or a different routine: not used
+            _LAPACK = {}
     return _LAPACK.get(dtype)
+
+
+def _lapack_agrees() -> bool:
+    """Whether the ctypes potrf/potrs give torch's own Cholesky solve on a small SPD system (a guard
+    against a libtorch whose LAPACK symbols take other argument types)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, dtype=torch.float64, generator=g)
+    G = A @ A.T + 5 * torch.eye(5, dtype=torch.float64)
+    R = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    want = torch.linalg.solve(G, R.T).T
+    L, X = G.clone(), R.clone()
+    fns = _LAPACK[torch.float64]
+    import ctypes
+
+    c, n, m, info = ctypes.c_char(b"U"), ctypes.c_int(5), ctypes.c_int(3), ctypes.c_int(0)
+    fns[0](ctypes.byref(c), ctypes.byref(n), ctypes.c_void_p(L.data_ptr()), ctypes.byref(n), ctypes.byref(info))
+    if info.value != 0:
+        return False
+    fns[1](ctypes.byref(c), ctypes.byref(n), ctypes.byref(m), ctypes.c_void_p(L.data_ptr()), ctypes.byref(n),
+           ctypes.c_void_p(X.data_ptr()), ctypes.byref(n), ctypes.byref(info))
+    return info.value == 0 and bool(torch.allclose(X, want, rtol=1e-10, atol=1e-12))
 
 
 _LAPACK: dict | None = None
