@@ -124,4 +124,4 @@ def _run_threads(config, run_dir, use_config: bool) -> int:
         return cfg.threads
     run = RunDir(Path(run_dir) if run_dir else default_run_dir(cfg, str(config)))
     recorded = run.load().get("threads") if run.exists() else None
-    return recorded if isinstance(recorded, int) else resolve_threads(AUTO)
+    return recorded if isinstance(recorded, int) else resolve_threads(cfg.threads if use_config else AUTO)

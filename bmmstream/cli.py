@@ -19,8 +19,8 @@ from bmmstream.errors import BmmError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Out-of-core Bayesian Model Merging.")
 
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch and numba: N >= 1 or auto (default: "
-                          "the config's threads, else auto: usable cores minus the load of other processes)")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch and numba: N >= 1 or auto (usable cores "
+                          "minus the load of other processes); default: the config's threads, else every usable core")
 
 
 def _fail(e: BaseException) -> None:

@@ -33,7 +33,7 @@ from bmmstream.sources import open_source
 from bmmstream.sources.base import ST_TO_TORCH, TORCH_TO_ST, TensorSource
 from bmmstream.sources.vocab import TOKENIZER_FILES, VocabPlan, plan_vocab
 from bmmstream.statistics.store import StatsStore
-from bmmstream.config import AUTO, parse_threads
+from bmmstream.config import parse_threads
 from bmmstream.executors.threads import resolve_threads, use_threads
 
 
@@ -218,7 +218,7 @@ def prepare(
     infos = sources.base.tensor_infos()
     layout = [(n, vocab.out_shape(n, infos[n].shape) if vocab else tuple(infos[n].shape),
                out_dtype_for(n, infos[n].dtype, cfg)) for unit in plan.units for n in unit]
-    n_threads = asked or recorded or resolve_threads(AUTO)
+    n_threads = asked or recorded or resolve_threads(threads if threads is not None else cfg.threads)
     job = Job(cfg, run, out_path.resolve(), dev, sources, plan, method, layout, vocab, n_threads)
     from bmmstream.output.writer import disk_error
 

@@ -7,7 +7,9 @@ about 1.4 cores of other work, 2 torch threads made task arithmetic 2x slower th
 `auto` = the cores this process may run on (os.sched_getaffinity) minus the 1-minute load average
 caused by other processes (the load average less this process's own average CPU use since it
 started), rounded to the nearest integer, at least 1 and at most the usable cores. An integer is
-used as given.
+used as given. Not set: every usable core (torch's default). `auto` is opt-in because BLAS reductions
+round by thread count: with a load-dependent count two runs of one BMM config on one machine could
+differ in the last bits (a resumed run always reuses its recorded count, so resume stays bit-identical).
 """
 from __future__ import annotations
 
@@ -63,8 +65,12 @@ def auto_threads() -> int:
 
 
 def resolve_threads(value: int | str | None) -> int:
+    """An int as given; "auto": the load-aware rule above; None (not set): every usable core, as torch's own
+    default, so two runs of one config on one machine compute, and round, alike whatever the load."""
     n = parse_threads(value)
-    return auto_threads() if n is None else n
+    if n is not None:
+        return n
+    return auto_threads() if value == AUTO else usable_cores()
 
 
 def _numba():
