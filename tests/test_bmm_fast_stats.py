@@ -113,7 +113,7 @@ def lapack_backend(request, monkeypatch):
     import bmmstream.solve.closed_form as cf
 
     if request.param == "scipy":
-        monkeypatch.setattr(cf, "_LAPACK", {})
+        monkeypatch.setattr(cf, "_lapack_table", lambda: {})
     else:
         assert cf._torch_lapack(torch.float64) is not None  # this torch exports potrf/potrs
     return request.param

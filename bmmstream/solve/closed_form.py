@@ -21,6 +21,7 @@ no d_in x d_in or d_out x d_in temporary beyond U0 in `dtype` and the result.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -133,35 +134,35 @@ def _torch_lapack(dtype: torch.dtype):
     ctypes, or None when libtorch does not export them. scipy's OpenBLAS potrf measured 2-5x slower
     than MKL's on 2 shared cores, and torch.linalg.cholesky_ex / cholesky_solve copy their inputs
     even with out= aliasing them."""
+    return _lapack_table().get(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _lapack_table() -> dict:
+    """The symbols, looked up once per process; empty when absent or when they disagree with torch."""
     import ctypes
     import os
 
-    global _LAPACK
-    if _LAPACK is None:
-        _LAPACK = {}
-        try:
-            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-            for dt, p in ((torch.float32, "s"), (torch.float64, "d")):
-                _LAPACK[dt] = (getattr(lib, f"{p}potrf_"), getattr(lib, f"{p}potrs_"))
-        except (OSError, AttributeError):
-            _LAPACK = {}
-        if _LAPACK and not _lapack_agrees():  # another integer ABI or a different routine: not used
-            _LAPACK = {}
-    return _LAPACK.get(dtype)
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        table = {dt: (getattr(lib, f"{p}potrf_"), getattr(lib, f"{p}potrs_"))
+                 for dt, p in ((torch.float32, "s"), (torch.float64, "d"))}
+    except (OSError, AttributeError):
+        return {}
+    return table if _lapack_agrees(table[torch.float64]) else {}  # another integer ABI or routine: not used
 
 
-def _lapack_agrees() -> bool:
-    """Whether the ctypes potrf/potrs give torch's own Cholesky solve on a small SPD system (a guard
-    against a libtorch whose LAPACK symbols take other argument types)."""
+def _lapack_agrees(fns) -> bool:
+    """Whether the ctypes potrf/potrs `fns` give torch's own Cholesky solve on a small SPD system (a
+    guard against a libtorch whose LAPACK symbols take other argument types)."""
+    import ctypes
+
     g = torch.Generator().manual_seed(0)
     A = torch.randn(5, 5, dtype=torch.float64, generator=g)
     G = A @ A.T + 5 * torch.eye(5, dtype=torch.float64)
     R = torch.randn(3, 5, dtype=torch.float64, generator=g)
     want = torch.linalg.solve(G, R.T).T
     L, X = G.clone(), R.clone()
-    fns = _LAPACK[torch.float64]
-    import ctypes
-
     c, n, m, info = ctypes.c_char(b"U"), ctypes.c_int(5), ctypes.c_int(3), ctypes.c_int(0)
     fns[0](ctypes.byref(c), ctypes.byref(n), ctypes.c_void_p(L.data_ptr()), ctypes.byref(n), ctypes.byref(info))
     if info.value != 0:
@@ -169,9 +170,6 @@ def _lapack_agrees() -> bool:
     fns[1](ctypes.byref(c), ctypes.byref(n), ctypes.byref(m), ctypes.c_void_p(L.data_ptr()), ctypes.byref(n),
            ctypes.c_void_p(X.data_ptr()), ctypes.byref(n), ctypes.byref(info))
     return info.value == 0 and bool(torch.allclose(X, want, rtol=1e-10, atol=1e-12))
-
-
-_LAPACK: dict | None = None
 
 
 def _factor_(G: torch.Tensor) -> int:
