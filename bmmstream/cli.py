@@ -19,6 +19,8 @@ from bmmstream.errors import BmmError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Out-of-core Bayesian Model Merging.")
 
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto, or HEAD_IP:6379 after "
+                          "`ray start --head`); default: a local Ray")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch and numba: N >= 1 or auto (usable cores "
                           "minus the load of other processes); default: the config's threads, else every usable core")
 
@@ -69,8 +71,7 @@ def merge(
                                  "(pip install 'bmmstream[ray]'); same output bytes"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: the cluster's GPUs "
                                           "for cuda, else 1)"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto, or "
-                                          "HEAD_IP:6379 after `ray start --head`); default: a local Ray"),
+    address: Optional[str] = AddressOpt,
     threads: Optional[str] = ThreadsOpt,
 ):
     """Merge the models a config names; resumes if the run directory holds the same unfinished run."""
@@ -188,8 +189,7 @@ def search(
                                  "each with a resident model (pip install 'bmmstream[ray]')"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers = trials in flight (default: "
                                           "the cluster's GPUs for cuda, else 1)"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto, or "
-                                          "HEAD_IP:6379 after `ray start --head`); default: a local Ray"),
+    address: Optional[str] = AddressOpt,
 ):
     """Search per-block scale and per-group rho on a validation score; write the best model.
     Rerun the same command to resume a killed search."""
