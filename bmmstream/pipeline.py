@@ -290,7 +290,7 @@ def _module_input(job: Job, n: str, raw: torch.Tensor, store: StatsStore | None 
         del et
     grams = None
     if store is not None and job.needs_grams and spec.kind == "linear":
-        grams = module_grams(store, n, len(job.sources.experts), job.device, dtype)
+        grams = module_grams(store, n, len(job.sources.experts), job.device)
     # LoRA experts: per task (B, A) with U_t = B A for the statistics (rank 0 where the delta is
     # exactly zero); None when some expert has no such form (a full fine-tune): dense statistics
     factors = None

@@ -66,3 +66,31 @@ def test_bmm_flops_and_unit_memory_model():
     assert unit > 6 * params * 4 + sum((s[-1] ** 2 + s[0] * s[-1]) * 8 for s, lin in shapes if lin)
     down = 6 * h * i * 4 + (i * i + h * i) * 8
     assert down < stream < down + 4 * h * i * 8
+
+
+@pytest.mark.parametrize("stats_dtype, nbytes", [("float64", 8), ("compute", 4)])
+def test_plan_counts_the_calibration_grams_the_run_stores(tiny_llama_suite, tmp_path, stats_dtype, nbytes):
+    """Data-assisted BMM also stores one input Gram per expert and input site, float64 with float64
+    statistics (statistics/data_assisted.gram_dtype)."""
+    import json
+
+    cfg = _config(tiny_llama_suite, statistics="data_assisted", statistics_dtype=stats_dtype)
+    for t, m in enumerate(cfg["models"]):
+        p = tmp_path / f"calib{t}.jsonl"
+        p.write_text("".join(json.dumps({"input_ids": [(7 * t + j) % 100 for j in range(9)]}) + "\n" for _ in range(3)))
+        m["calibration"] = {"path": str(p), "samples": 3, "max_len": 8, "batch_size": 2}
+    rep = bmmstream.plan_merge(cfg, device="cpu")
+    bmmstream.merge(cfg, out=tmp_path / "m", run_dir=tmp_path / "r", device="cpu", progress=False)
+    import numpy as np
+    import zarr
+
+    root = zarr.open_group(str(next((tmp_path / "r").rglob("*.zarr"))), mode="r")
+    stored = grams = 0
+    for path, arr in root.members(max_depth=None):
+        name = path.rsplit("/", 1)[-1]
+        if isinstance(arr, zarr.Array) and name in ("G", "C", "S"):
+            assert arr.dtype == (np.float64 if nbytes == 8 else np.float32), path
+            stored += arr.nbytes
+            grams += arr.nbytes if name == "S" else 0
+    assert grams > 0
+    assert stored == rep["estimate"]["stats_disk_bytes"]

@@ -166,6 +166,11 @@ class BMM(MergeMethod):
         return d
 
     # -- statistics ------------------------------------------------------------------------
+    @property
+    def gram_dtype(self) -> torch.dtype:
+        """Calibration Grams in float64 with the float64 statistics (statistics/data_assisted.py)."""
+        return torch.float32 if self.params["statistics_dtype"] == "compute" else torch.float64
+
     def statistics_dtype(self, inp: ModuleInput) -> torch.dtype:
         return torch.float64 if self.params["statistics_dtype"] == "float64" else inp.deltas.dtype
 

@@ -66,7 +66,8 @@ def module_flops(d_out: int, d_in: int, T: int, method: str, statistics: str = "
 MERGE_RUNTIME_BYTES = 256 * 2**20
 
 
-def bmm_unit_bytes(shapes: list[tuple[tuple[int, ...], bool]], T: int, cb: int, sb: int, module_stream: bool) -> int:
+def bmm_unit_bytes(shapes: list[tuple[tuple[int, ...], bool]], T: int, cb: int, sb: int, module_stream: bool,
+                   gb: int = 0) -> int:
     """Peak bytes of BMM's tensors while one unit is merged; `shapes`: (shape, is_linear) per tensor.
 
     Per module: base + T task vectors in the compute dtype ((T+1) n cb), the anchor U0 (n cb), G and
@@ -75,7 +76,8 @@ def bmm_unit_bytes(shapes: list[tuple[tuple[int, ...], bool]], T: int, cb: int, 
     the in-place solve's (U0 in the statistics dtype and the result). `module_stream`: the pipeline
     hands BMM one module at a time (merges_by_module), so one module's inputs are resident; else the
     whole unit's inputs and every module's statistics are (the statistics are all computed before
-    the solves start)."""
+    the solves start). `gb`: bytes per element of the T per-task calibration Grams a data-assisted
+    module holds (0: data-free)."""
     def parts(shape, linear):
         n = 1
         for x in shape:
@@ -84,7 +86,7 @@ def bmm_unit_bytes(shapes: list[tuple[tuple[int, ...], bool]], T: int, cb: int, 
         if not linear:
             return inputs, 0, 2 * n * cb  # the anchor's value and the weight built from it
         d_out, d_in = shape[0], n // shape[0]
-        stats = (d_in * d_in + d_out * d_in) * sb
+        stats = (d_in * d_in + d_out * d_in) * sb + T * d_in * d_in * gb
         cast = d_out * d_in * sb if sb != cb else 0
         gram = (d_out * d_out if c_via_outer(d_out, d_in) else d_in * d_in) * sb
         temps = d_out * d_in * cb + max(cast + gram, d_out * d_in * (sb + cb))
@@ -128,6 +130,8 @@ def estimate_report(
     at a time (BMM declares merges_by_module, pipeline._merge_stream honours it; see bmm_unit_bytes). BMM's FLOPs are timed at the statistics dtype's matmul rate."""
     T = experts
     cb, sb = compute_bytes, statistics_bytes
+    # calibration Grams: float64 with BMM's float64 statistics (statistics/data_assisted.gram_dtype)
+    gb = 0 if calibration_tokens is None else 8 if method == "bmm" and sb == 8 else 4
     by_name = plan.by_name()
     peak_ram = stats_peak = stats_total = flops = 0.0
     for names in plan.units:
@@ -140,7 +144,7 @@ def estimate_report(
         if method == "bmm":
             shapes = [(tuple(infos[n].shape if by_name[n].kind != "linear" else by_name[n].matrix_shape),
                        by_name[n].kind == "linear") for n in names]
-            unit = MERGE_RUNTIME_BYTES + bmm_unit_bytes(shapes, T, cb, sb, module_stream)
+            unit = MERGE_RUNTIME_BYTES + bmm_unit_bytes(shapes, T, cb, sb, module_stream, gb)
         else:
             unit = (T + 3) * params * cb + stats
         peak_ram = max(peak_ram, unit)
@@ -152,12 +156,13 @@ def estimate_report(
     in_bytes = sum(i.nbytes for i in infos.values())
     passes = 2 if needs_prepass else 1
     read_bytes = (T + 1) * in_bytes * passes
-    calib_flops = 0.0
+    calib_flops = gram_disk = 0.0
     if calibration_tokens is not None:
         layer_params = sum(infos[m.name].numel for m in plan.modules if m.layer is not None)
         sites = {(m.layer, m.group): m.matrix_shape[1] for m in plan.modules if m.layer is not None and m.kind == "linear"}
         for tokens in calibration_tokens:
             calib_flops += calibration_flops(layer_params, list(sites.values()), tokens)
+        gram_disk = T * sum(d * d for d in sites.values()) * (gb or 4)  # one Gram per expert and input site
         read_bytes += T * in_bytes
     fps = measure_flops(device, dtype=torch.float64 if method == "bmm" and sb == 8 else torch.float32)
     return {
@@ -179,7 +184,8 @@ def estimate_report(
             "peak_ram_bytes": int(peak_ram),
             "output_bytes": int(out_bytes),
             # a run that reads no statistics back keeps none (statistics/store.py StatsStore.for_run)
-            "stats_disk_bytes": int(stats_total if keep_statistics else stats_peak if calibration_tokens is not None else 0),
+            "stats_disk_bytes": int((stats_total if keep_statistics else stats_peak if calibration_tokens is not None else 0)
+                                    + gram_disk),
             "read_bytes": int(read_bytes),
             "flops": float(flops + calib_flops),
             "calibration_flops": float(calib_flops),
