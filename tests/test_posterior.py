@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from bmmstream.errors import BmmError
-from bmmstream.search.posterior import ModulePosterior, PosteriorOptions, default_modules, posterior_evaluate
-from bmmstream.solve.posterior import ece, ensemble_probs, sample_rows
+from bmmstream.search.posterior import (METRICS, ModulePosterior, PosteriorOptions, default_modules,
+                                       posterior_evaluate, posterior_report)
+from bmmstream.solve.posterior import ece, ensemble_nll, ensemble_probs, sample_rows
 
 
 def _problem(d_out=3, d_in=4, seed=0):
@@ -166,3 +167,127 @@ def test_module_posteriors_from_the_store():
     with pytest.raises(BmmError, match=r"^search.posterior: no statistics \(G\) stored for 'layers.0.mlp_out.weight' "
                                        r"in stats.zarr$"):
         module_posteriors(plan, store, point, "rho", ["layers.0.mlp_out.weight"])
+
+
+def test_ensemble_nll_equals_a_direct_float64_computation():
+    # two models, three rows: softmax(log p) = p, so the averaged probabilities are known by hand
+    p1 = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]], dtype=torch.float64)
+    p2 = torch.tensor([[0.7, 0.2, 0.1], [0.3, 0.4, 0.3], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1])
+    expected = -(math.log((0.5 + 0.7) / 2) + math.log((0.3 + 0.3) / 2) + math.log((0.2 + 0.25) / 2)) / 3
+    assert ensemble_nll(torch.stack([p1.log(), p2.log()]), labels) == pytest.approx(expected, abs=1e-14)
+    logits = torch.randn(5, 7, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    direct = -ensemble_probs(logits)[torch.arange(7), y].log().mean()
+    assert ensemble_nll(logits, y) == pytest.approx(float(direct), abs=1e-13)
+    assert ensemble_nll(logits.float(), y) == pytest.approx(ensemble_nll(logits.float().double(), y), abs=1e-15)
+    # a confidently wrong row: softmax underflows to 0 (log 0 = inf); in log space the loss is 1000
+    assert ensemble_nll(torch.tensor([[[0.0, -1000.0]]], dtype=torch.float64), torch.tensor([1])) == 1000.0
+    # a label-likelihood row with fewer choices: -inf logits are no probability
+    ll = torch.tensor([[[math.log(0.25), math.log(0.75), -math.inf]]], dtype=torch.float64)
+    assert ensemble_nll(ll, torch.tensor([1])) == pytest.approx(-math.log(0.75), abs=1e-15)
+
+
+def test_evaluate_reports_nll_of_the_ensemble_and_the_map():
+    model = Toy()
+    post = {"down.weight": ModulePosterior(torch.eye(8, dtype=torch.float64), 0.1)}
+    r = posterior_evaluate(model, post, _predict, PosteriorOptions(samples=3, beta=5.0, seed=2))
+    assert set(r) == {"samples", "beta", "modules", "tasks", *METRICS}
+    with torch.no_grad():
+        map_logits = model(model.x).double()
+    assert r["map_nll"] == pytest.approx(float(-torch.log_softmax(map_logits, -1)[torch.arange(50), model.y].mean()),
+                                         abs=1e-12)
+    # the ensemble's NLL from the same draws, made by hand
+    gen = torch.Generator().manual_seed(2)
+    W = model.down.weight.detach().clone()
+    logits = []
+    with torch.no_grad():
+        for _ in range(3):
+            model.down.weight.copy_(sample_rows(W.double(), torch.eye(8, dtype=torch.float64), 0.1, 5.0, 1, gen)[0])
+            logits.append(model(model.x).double())
+        model.down.weight.copy_(W)
+    assert r["nll"] == pytest.approx(ensemble_nll(torch.stack(logits), model.y), abs=1e-12)
+    inf = posterior_evaluate(model, post, _predict, PosteriorOptions(samples=2, beta=math.inf))
+    assert inf["nll"] == pytest.approx(inf["map_nll"], abs=1e-12) and inf["map_nll"] == r["map_nll"]
+
+
+def test_report_chooses_the_beta_of_lowest_validation_nll():
+    model = Toy()
+    post = {"down.weight": ModulePosterior(torch.eye(8, dtype=torch.float64), 0.1)}
+    opts = PosteriorOptions(samples=4, beta=(0.05, 1.0, 30.0, math.inf), seed=1)
+    rep = posterior_report(model, post, _predict, opts)
+    cands = rep["beta_candidates"]
+    assert [c["beta"] for c in cands] == [0.05, 1.0, 30.0, math.inf]
+    best = min(cands, key=lambda c: c["nll"])
+    assert rep["beta"] == best["beta"] and rep["nll"] == best["nll"]
+    for c in cands:  # common random numbers: each candidate is posterior_evaluate at that beta, same seed
+        one = posterior_evaluate(model, post, _predict, PosteriorOptions(samples=4, beta=c["beta"], seed=1))
+        assert c == {k: one[k] for k in ("beta", *METRICS)}
+    assert cands[-1]["accuracy"] == cands[-1]["map_accuracy"]
+    assert cands[-1]["nll"] == pytest.approx(cands[-1]["map_nll"], abs=1e-12)
+    assert len({c["nll"] for c in cands}) == 4  # the candidates differ, so the choice is a real one
+    # ties go to the larger beta (closer to MAP): 1e299 and 1e300 both give the MAP weights exactly
+    tie = posterior_report(model, post, _predict, PosteriorOptions(samples=2, beta=(1e300, 1e299)))
+    assert tie["beta_candidates"][0]["nll"] == tie["beta_candidates"][1]["nll"] and tie["beta"] == 1e300
+    # one number: today's report (no choice, no candidates)
+    assert posterior_report(model, post, _predict, PosteriorOptions(samples=2, beta=3.0)) == \
+        posterior_evaluate(model, post, _predict, PosteriorOptions(samples=2, beta=3.0))
+
+
+def test_report_on_other_rows_keeps_validation_figures():
+    model = Toy()
+    post = {"down.weight": ModulePosterior(torch.eye(8, dtype=torch.float64), 0.1)}
+
+    def rows(lo, hi):
+        return lambda m: (m(m.x[lo:hi]), m.y[lo:hi])
+
+    opts = PosteriorOptions(samples=3, beta=(0.1, 10.0), seed=4)
+    rep = posterior_report(model, post, rows(0, 30), opts, rows(30, 50))
+    val = posterior_report(model, post, rows(0, 30), opts)
+    on_test = posterior_evaluate(model, post, rows(30, 50), PosteriorOptions(samples=3, beta=val["beta"], seed=4))
+    assert rep["beta"] == val["beta"] and rep["beta_candidates"] == val["beta_candidates"]
+    assert {k: rep[k] for k in METRICS} == {k: on_test[k] for k in METRICS}
+    assert rep["validation"] == {k: val[k] for k in ("tasks", *METRICS)}
+    one = posterior_report(model, post, rows(0, 30), PosteriorOptions(samples=3, beta=10.0, seed=4), rows(30, 50))
+    assert "beta_candidates" not in one and one["beta"] == 10.0
+    assert one["validation"]["nll"] == posterior_evaluate(model, post, rows(0, 30),
+                                                          PosteriorOptions(samples=3, beta=10.0, seed=4))["nll"]
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"beta": []}, "search.posterior.beta is an empty list; give numbers > 0, e.g. [1e2, 1e3, 1e4]"),
+    ({"beta": [1e3, 0]}, "search.posterior.beta[1] must be a number > 0, got 0"),
+    ({"beta": [1e3, math.nan]}, "search.posterior.beta[1] must be a number > 0, got nan"),
+    ({"beta": [1e3, "1e4"]}, "search.posterior.beta[1] must be a number > 0, got '1e4'"),
+    ({"beta": [True]}, "search.posterior.beta[0] must be a number > 0, got True"),
+    ({"beta": [1e3, 1000]}, "search.posterior.beta lists a value twice: [1000.0, 1000]"),
+    ({"beta": math.nan}, "search.posterior.beta must be a number > 0, got nan"),
+    ({"beta": "1e4"}, "search.posterior.beta must be a number > 0 or a list of them, got '1e4'"),
+    ({"beta": 1, "scorer": "test.jsonl"},
+     "search.posterior.scorer must be a mapping like search.scorer, got 'test.jsonl'"),
+    ({"beta": 1, "scorer": {"kind": "label_likelihood", "data": {"a": "t.jsonl"}, "proxy_size": 5}},
+     "search.posterior.scorer: ['proxy_size'] not allowed (the report scores every row)"),
+    ({"beta": 1, "scorer": {"kind": "label_likelihood", "data": {"a": "t.jsonl"}, "proxy": {}}},
+     "search.posterior.scorer: ['proxy'] not allowed (the report scores every row)"),
+    ({"beta": 1, "scorer": {"kind": "perplexity", "data": "t.jsonl"}},
+     "search.posterior.scorer.kind must be one of encoder_accuracy, label_likelihood, got 'perplexity'"),
+    ({"beta": 1, "scorer": {"callable": "m:f"}},
+     "search.posterior.scorer: unknown key(s) ['callable']; known: ['batch_size', 'data', 'kind']"),
+    ({"beta": 1, "scorer": {"kind": "label_likelihood"}},
+     "search.posterior.scorer: kind 'label_likelihood' needs 'data'"),
+    ({"beta": 1, "scorer": {"kind": "label_likelihood", "data": "t.jsonl"}},
+     "search.posterior.scorer.data must be a non-empty mapping task -> data, got 't.jsonl'"),
+])
+def test_new_option_errors(cfg, message):
+    with pytest.raises(BmmError) as e:
+        PosteriorOptions.from_config(cfg)
+    assert str(e.value) == message
+
+
+def test_beta_list_and_scorer_options():
+    spec = {"kind": "label_likelihood", "data": {"a": "test.jsonl"}}
+    o = PosteriorOptions.from_config({"beta": [1e2, 1e3, math.inf], "scorer": spec, "samples": 4})
+    assert o == PosteriorOptions(samples=4, beta=(100.0, 1000.0, math.inf), scorer=spec)
+    assert PosteriorOptions.from_config({"beta": [7]}).beta == (7.0,)
+    with pytest.raises(ValueError, match="one beta expected"):
+        posterior_evaluate(Toy(), {}, _predict, o)

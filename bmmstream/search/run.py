@@ -651,11 +651,13 @@ def best_parameters(point: dict, base_params: dict, key: str) -> dict:
 
 
 def _posterior_report(job, store, s: dict, key: str, best: dict, scorer, opts, progress: bool,
-                      model=None, apply=None) -> dict:
-    """Accuracy and ECE of the posterior-sampled ensemble and of the MAP model at the best point
-    (search.posterior), written to search-report/posterior.json. The point is applied to the search's
-    resident model as a trial would be (with Ray, where the driver holds none, one is built here)."""
-    from bmmstream.search.posterior import module_posteriors, posterior_evaluate
+                      model=None, apply=None, report_scorer=None) -> dict:
+    """Accuracy, ECE and NLL of the posterior-sampled ensemble and of the MAP model at the best point
+    (search.posterior; beta chosen on `scorer`'s rows when a list), written to
+    search-report/posterior.json. `report_scorer` (posterior.scorer, built beside search.scorer so
+    that a bad file fails before the search) gives the rows reported on. The point is applied to the
+    search's resident model as a trial would be (with Ray, where the driver holds none, one is built here)."""
+    from bmmstream.search.posterior import module_posteriors, posterior_report
 
     point = _with_fixed_groups(best, job.method, key)
     posts = module_posteriors(job.plan, store, point, key, list(opts.modules) if opts.modules else None)
@@ -664,13 +666,16 @@ def _posterior_report(job, store, s: dict, key: str, best: dict, scorer, opts, p
         model = _resident_model(job)
         apply, layout = _trial_runner(job, model, store, {**s, "in_core": False}, key, progress)
     apply(point)
-    report = posterior_evaluate(model, posts, scorer.predict, opts)
+    report = posterior_report(model, posts, scorer.predict, opts,
+                              report_scorer.predict if report_scorer is not None else None)
     out = job.run.root / "search-report" / "posterior.json"
     out.write_text(json.dumps(report, indent=2, sort_keys=True))
     logging.getLogger("bmmstream.search").info(
-        "posterior (S=%d, beta=%g): accuracy %.4f, ECE %.4f; MAP accuracy %.4f, ECE %.4f -> %s",
-        report["samples"], report["beta"], report["accuracy"], report["ece"], report["map_accuracy"],
-        report["map_ece"], out)
+        "posterior (S=%d, beta=%g%s): accuracy %.4f, ECE %.4f, NLL %.4f; "
+        "MAP accuracy %.4f, ECE %.4f, NLL %.4f%s -> %s",
+        report["samples"], report["beta"], " chosen by validation NLL" if "beta_candidates" in report else "",
+        report["accuracy"], report["ece"], report["nll"], report["map_accuracy"], report["map_ece"],
+        report["map_nll"], f" on {report_scorer.id}" if report_scorer is not None else "", out)
     del model, apply, layout
     return report
 
@@ -760,6 +765,8 @@ def search_merge(
         tok_dir = _tokenizer_dir(job.sources.base, job.run.root / "tokenizer")
         tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
         full, proxy = make_scorers(s["scorer"], tokenizer=tokenizer, base_dir=origin)
+        post_scorer = (make_scorers(posterior.scorer, tokenizer=tokenizer, base_dir=origin)[0]
+                       if posterior is not None and posterior.scorer else None)
 
         if not job.run.complete():
             import time
@@ -806,7 +813,8 @@ def search_merge(
                     remote.close()
             write_report(result, job.run.root / "search-report")
             if posterior is not None:  # the paper's App. B at the chosen point, while G is in the store
-                _posterior_report(job, store, s, key, result.best_params, full, posterior, progress, model, apply)
+                _posterior_report(job, store, s, key, result.best_params, full, posterior, progress, model, apply,
+                                  report_scorer=post_scorer)
             (job.run.root / "search-report" / "space.json").write_text(json.dumps(space_record, indent=2))
             trials = layout.pop("trials", None)
             summary = {**layout, **costs.summary()}

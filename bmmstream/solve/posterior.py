@@ -4,7 +4,8 @@ BMM's merged rows are the MAP of a Gaussian posterior: row i of U is N(U_MAP[i],
 rows independent, with G the module's (d_in x d_in) Gram of the merge and lam its absolute damping.
 `sample_rows` draws S such matrices through the Cholesky factor of G + lam I (no inverse is formed);
 `ensemble_probs` averages the softmax predictions of the sampled models; `ece` is the expected
-calibration error with equal-width confidence bins. Pure functions on tensors.
+calibration error with equal-width confidence bins; `ensemble_nll` the ensemble's negative
+log-likelihood (what beta is chosen by). Pure functions on tensors.
 """
 from __future__ import annotations
 
@@ -61,3 +62,17 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 20) -> float:
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.argmax(dim=1) == labels).to(torch.float64).mean())
+
+
+def ensemble_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over rows of -log p[label], p the S models' averaged softmax: logits (S, N, C), labels (N,).
+    A proper scoring rule, so what a posterior's beta is chosen by. Computed in log space
+    (logsumexp over the models of log_softmax at the label), so a confidently wrong row gives a
+    large finite loss rather than the inf of log(0) after a softmax underflow."""
+    if logits.ndim != 3 or labels.shape != logits.shape[1:2]:
+        raise ValueError(f"ensemble_nll: logits (S, N, C) and labels (N,) expected, got {tuple(logits.shape)}, "
+                         f"{tuple(labels.shape)}")
+    S, N, _ = logits.shape
+    lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    at = lp.gather(-1, labels.to(torch.long).view(1, N, 1).expand(S, N, 1)).squeeze(-1)  # (S, N)
+    return float(-(torch.logsumexp(at, dim=0) - math.log(S)).mean())
