@@ -65,8 +65,11 @@ INSTRUCTIONS = {
     "republican? Answer with one word.",
     "subjectivity": "Is this text a plot summary or a review of a movie? Answer with one word: plot or review.",
 }
-# upper bounds of the master splits; suites take prefixes
+# upper bounds of the master splits; suites take prefixes. Every task keeps at least MIN_TEST test rows
+# (issue 13: one test row must be a small step of a task's accuracy), even where that leaves a small
+# training split (party: 539 statements -> 300 test / 67 val / 172 train).
 MASTER_TEST, MASTER_VAL, MASTER_TRAIN = 400, 200, 2000
+MIN_TEST = 300
 
 
 def package_dir(name: str) -> Path:
@@ -151,7 +154,7 @@ def master_splits(cache: Path) -> dict[str, dict[str, list[dict]]]:
         random.Random(f"{SEED}-{task}").shuffle(order)
         shuffled = [task_rows[i] for i in order]
         n = len(shuffled)
-        n_test, n_val = min(MASTER_TEST, n // 4), min(MASTER_VAL, n // 8)
+        n_test, n_val = min(MASTER_TEST, max(MIN_TEST, n // 4)), min(MASTER_VAL, n // 8)
         splits = {
             "test": shuffled[:n_test],
             "val": shuffled[n_test : n_test + n_val],
@@ -540,8 +543,8 @@ def parse_args(argv=None):
     p.add_argument("--decoder-tasks", nargs="+", default=DECODER_TASKS, choices=list(LABELS))
     # encoder sizes and training
     p.add_argument("--train", type=int, default=1000)
-    p.add_argument("--val", type=int, default=100)
-    p.add_argument("--test", type=int, default=200)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--test", type=int, default=400)
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default 5e-5 (encoder), 5e-5 (decoder)")
@@ -549,8 +552,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     # decoder sizes
     p.add_argument("--dec-train", type=int, default=128)
-    p.add_argument("--dec-val", type=int, default=40)
-    p.add_argument("--dec-test", type=int, default=80)
+    p.add_argument("--dec-val", type=int, default=100)
+    p.add_argument("--dec-test", type=int, default=300)
     p.add_argument("--dec-batch-size", type=int, default=8)
     p.add_argument("--max-text-tokens", type=int, default=40)
     args = p.parse_args(argv)
