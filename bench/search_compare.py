@@ -1,97 +1,352 @@
-"""Outer search on the real encoder suite: Nevergrad optimisers vs the shared-rho grid vs random
-search, same budget, hyperparameters chosen on validation, test accuracy reported (issue 6).
+"""Does the outer search earn its trials? (issue 13) On the real suites built by tools/build_experts.py:
 
-For each optimiser, `bmm search` runs on the four MiniLM experts built by tools/build_experts.py
-(BMM, task-arithmetic anchor, data-free statistics, B blocks), scoring every trial by the mean
-validation accuracy over tasks with each task's own head (a fixed subset of `--proxy` rows per task
-for most trials, the full validation split for the best few); the written best model is then scored
-on the test split. Everything is cached in the run directories, so a rerun costs no evaluations.
+- every anchor alone (task arithmetic, TIES, TSV-M; each on a small grid picked on validation),
+- BMM over the picked TSV-M anchor at its default damping (no search),
+- `bmm search` over that BMM with each optimiser: the default staged design, the shared-rho `grid`
+  baseline, seeded `random`, and the paper's GP-BO with expected improvement on the paper's
+  search space (`paper_bo`, preset paper_llm), all at the same budget and over several seeds (the seed
+  also draws the proxy subset of validation rows that most trials are scored on),
 
-    nice python bench/search_compare.py --budget 20 --optimizers NGOpt CMA grid random
+each scored once on the test split, with a 95% bootstrap CI of the mean test accuracy (rows resampled
+within each task) and, for every search, the paired bootstrap CI of its difference to the grid
+baseline of the same seed. At the point the staged search of the first seed chose, the paper's
+posterior ensemble (App. B: S samples of the last MLP output matrix, beta chosen on validation by NLL)
+is scored against the MAP model on the test split: accuracy, ECE (20 bins), NLL (a one-point search:
+every range fixed at the point, `search.posterior` with `scorer:` the test split).
+
+Everything is cached (results.json per suite, run directories per search), so a killed run resumes
+and a rerun only prints.
+
+    nice python bench/search_compare.py --suite encoder --seeds 0 1 2 --budget 20 --threads 1
+    nice python bench/search_compare.py --suite decoder --seeds 0 1 2 --budget 12 --proxy 25 --threads 1
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+ANCHOR_GRIDS = {
+    "task_arithmetic": [{"scale": s} for s in (0.3, 0.5, 0.7, 1.0)],
+    "ties": [{"density": 0.2, "scale": s} for s in (0.7, 1.0, 1.3)],
+    "tsv": [{"alpha": a} for a in (0.7, 1.0, 1.3)],
+}
+OPTIMIZERS = ["staged", "grid", "random", "paper_bo"]
+# posterior precisions: on the encoder suite the ensemble's validation NLL moved by 1.6e-4 at beta 1e10 and less
+# above (a first run over 1e10..1e14, all within noise of the MAP model); NLL shifts ~ 1/beta, so the
+# informative range is 1e6..1e10
+BETAS = [1e6, 1e7, 1e8, 1e9, 1e10]
+BOOT = 2000
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cache", type=Path, default=ROOT / "tools" / "cache" / "encoder")
+
+class Suite:
+    """A suite folder of tools/build_experts.py: base, experts, per-task val/test JSONL."""
+
+    def __init__(self, cache: Path, name: str):
+        self.name, self.dir = name, cache / name
+        self.man = json.loads((self.dir / "manifest.json").read_text())
+        self.tasks = list(self.man["experts"])
+        self.base = self.dir / self.man["base"]
+        self.experts = [self.dir / self.man["experts"][t] for t in self.tasks]
+        self._tok = None
+
+    def rows(self, task: str, split: str) -> str:
+        return str(self.dir / self.man["data"][task] / f"{split}.jsonl")
+
+    def scorer_cfg(self, split: str, tasks: list[str] | None = None) -> dict:
+        tasks = tasks or self.tasks
+        if self.name == "encoder":
+            data = {t: {"rows": self.rows(t, split), "expert": str(self.dir / self.man["experts"][t])} for t in tasks}
+            return {"kind": "encoder_accuracy", "data": data}
+        return {"kind": "label_likelihood", "data": {t: self.rows(t, split) for t in tasks}}
+
+    def tokenizer(self):
+        if self._tok is None:
+            from bmmstream.statistics.calibration_data import load_tokenizer
+
+            self._tok = load_tokenizer(self.base)
+        return self._tok
+
+    def load(self, folder: Path):
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        cls = AutoModel if self.name == "encoder" else AutoModelForCausalLM
+        return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def correct(self, folder: Path, split: str) -> dict[str, list[int]]:
+        """Per task, 0/1 correctness of every row of the split (what the bootstrap resamples)."""
+        import torch
+
+        from bmmstream.search.scorers import make_scorers
+
+        model = self.load(folder)
+        out = {}
+        with torch.no_grad():
+            for t in self.tasks:
+                scorer = make_scorers(self.scorer_cfg(split, [t]), tokenizer=self.tokenizer())[0]
+                _, rows = scorer.scored(model)  # one task: each row is its 0/1 correctness
+                out[t] = [int(round(r)) for r in rows]
+        return out
+
+
+def safe(key: str) -> str:
+    """A cache key as a folder name."""
+    return re.sub(r"[^A-Za-z0-9=.,_-]+", "_", key).strip("_")
+
+
+def mean_acc(correct: dict[str, list[int]]) -> float:
+    return float(np.mean([np.mean(c) for c in correct.values()]))
+
+
+def bootstrap(correct: dict[str, list[int]], other: dict[str, list[int]] | None = None, seed: int = 0
+              ) -> tuple[float, float]:
+    """95% percentile CI of the mean over tasks of test accuracy (rows resampled within each task);
+    with `other`, of the paired difference correct - other on the same resampled rows."""
+    rng = np.random.default_rng(seed)
+    stats = np.zeros(BOOT)
+    for t, c in correct.items():
+        a = np.asarray(c, dtype=float) - (np.asarray(other[t], dtype=float) if other is not None else 0.0)
+        idx = rng.integers(0, len(a), size=(BOOT, len(a)))
+        stats += a[idx].mean(axis=1)
+    stats /= len(correct)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+class Bench:
+    def __init__(self, suite: Suite, out: Path):
+        self.suite, self.out = suite, out / suite.name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "results.json"
+        self.res = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.res, indent=1))
+        tmp.replace(self.path)
+
+    def cfg(self, method: str, params: dict) -> dict:
+        s = self.suite
+        return {"base_model": str(s.base), "models": [{"model": str(e)} for e in s.experts],
+                "merge_method": method, "parameters": params, "dtype": "float32", "out_dtype": "float32"}
+
+    def merge_scored(self, key: str, method: str, params: dict, splits=("val", "test")) -> dict:
+        import bmmstream
+
+        if key in self.res and all(sp in self.res[key] for sp in splits):
+            return self.res[key]
+        d = self.out / "merges" / safe(key)
+        t0 = time.perf_counter()
+        path = bmmstream.merge(self.cfg(method, params), out=d / "model", run_dir=d / "run", device="cpu",
+                               progress=False)
+        rec = {"method": method, "params": params, "merge_s": time.perf_counter() - t0}
+        for sp in splits:
+            rec[sp] = self.suite.correct(path, sp)
+        self.res[key] = rec
+        self.save()
+        return rec
+
+    def anchors(self) -> dict[str, dict]:
+        """Each anchor's grid point with the best mean validation accuracy, scored on test."""
+        picked = {}
+        for method, grid in ANCHOR_GRIDS.items():
+            best = None
+            for p in grid:
+                key = f"{method}:" + ",".join(f"{k}={v}" for k, v in sorted(p.items()))
+                rec = self.merge_scored(key, method, p, splits=("val",))
+                if best is None or mean_acc(rec["val"]) > mean_acc(best[1]["val"]):
+                    best = (key, rec)
+            key, rec = best
+            if "test" not in rec:
+                d = self.out / "merges" / safe(key)
+                rec["test"] = self.suite.correct(d / "model", "test")
+                self.save()
+            picked[method] = rec
+        return picked
+
+    def search(self, opt: str, seed: int, anchor: dict, budget: int, proxy: int, blocks: int) -> dict:
+        import bmmstream
+
+        key = f"search:{opt}:seed{seed}:budget{budget}:proxy{proxy}:blocks{blocks}"
+        if key in self.res:
+            return self.res[key]
+        s = self.suite
+        scorer = {**s.scorer_cfg("val"), "proxy_size": proxy, "seed": seed}
+        search = {"optimizer": opt, "budget": budget, "seed": seed, "full_top_k": 3, "scorer": scorer}
+        if opt == "paper_bo":
+            search["preset"] = "paper_llm"  # absolute lam log-uniform in [1e-3, 100], s in [1.0, 1.3]
+        else:
+            search.update(rho_range=[1e-4, 10.0], scale_range=[1.0, 1.3])
+        params = {"anchor": "tsv", "anchor_parameters": anchor["params"], "statistics": "data_free", "blocks": blocks}
+        cfg = self.cfg("bmm", params) | {"search": search}
+        d = self.out / "searches" / safe(key)
+        t0 = time.perf_counter()
+        r = bmmstream.search_merge(cfg, out=d / "model", run_dir=d / "run", device="cpu", progress=False)
+        rec = {"optimizer": opt, "seed": seed, "anchor": anchor["params"], "val": r["best_score"], "best": r["best_params"],
+               "evaluations": r["evaluations"], "search_s": time.perf_counter() - t0,
+               "test": s.correct(Path(r["output"]), "test")}
+        post = d / "run" / "search-report" / "posterior.json"
+        if post.exists():  # runs made while the posterior rode along with the search
+            rec["posterior"] = json.loads(post.read_text())
+        self.res[key] = rec
+        self.save()
+        return rec
+
+
+    def posterior_at(self, run: dict, anchor: dict, betas: list[float], samples: int) -> dict | None:
+        """The paper's posterior ensemble at a search's chosen point: a one-point search (every range
+        fixed at the point, so nothing is searched) whose posterior report is on the test split. Its
+        MAP model is the search's written model (checked: same test accuracy)."""
+        import bmmstream
+
+        (block,) = run["best"]["blocks"]
+        rhos = {v for g, v in block["rho"].items() if g != "other"}
+        if len(rhos) != 1:
+            print(f"[{self.suite.name}] posterior: the chosen point has per-group rho {block['rho']}; "
+                  "a one-point search cannot hold it, skipped", flush=True)
+            return None
+        rho, scale = rhos.pop(), block["scale"]
+        key = f"posterior:{run['optimizer']}:seed{run['seed']}:rho{rho}:scale{scale}:S{samples}:betas{betas}"
+        if key in self.res:
+            return self.res[key]
+        s = self.suite
+        search = {"optimizer": "random", "budget": 1, "seed": 0, "full_top_k": 1, "rho_range": [rho, rho],
+                  "scale_range": [scale, scale], "scorer": s.scorer_cfg("val"),
+                  "posterior": {"samples": samples, "beta": betas, "seed": 0, "scorer": s.scorer_cfg("test")}}
+        params = {"anchor": "tsv", "anchor_parameters": anchor["params"], "statistics": "data_free", "blocks": 1}
+        d = self.out / "searches" / safe(key)
+        t0 = time.perf_counter()
+        r = bmmstream.search_merge(self.cfg("bmm", params) | {"search": search}, out=d / "model", run_dir=d / "run",
+                                   device="cpu", progress=False)
+        rec = json.loads((d / "run" / "search-report" / "posterior.json").read_text())
+        rec["seconds"] = time.perf_counter() - t0
+        rec["written_test"] = mean_acc(s.correct(Path(r["output"]), "test"))
+        self.res[key] = rec
+        self.save()
+        return rec
+
+
+def fmt(correct: dict, ref: dict | None = None) -> str:
+    lo, hi = bootstrap(correct)
+    s = f"{100 * mean_acc(correct):5.1f} [{100 * lo:4.1f}, {100 * hi:4.1f}]"
+    if ref is not None:
+        dlo, dhi = bootstrap(correct, ref)
+        s += f"  {100 * (mean_acc(correct) - mean_acc(ref)):+5.1f} [{100 * dlo:+4.1f}, {100 * dhi:+4.1f}]"
+    return s
+
+
+def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: list[int], posts: list[dict]) -> str:
+    s = bench.suite
+    lines = [f"### {s.name} suite: {', '.join(s.tasks)}; test rows per task "
+             + ", ".join(str(len(c)) for c in next(iter(anchors.values()))["test"].values()),
+             "", "| model | val | test mean [95% CI] | per task | vs grid, same seed [95% CI] |", "|---|---|---|---|---|"]
+
+    def row(name: str, val, test: dict, ref: dict | None = None) -> str:
+        full = fmt(test, ref)
+        main, diff = (full.split("  ", 1) + [""])[:2] if ref is not None else (full, "")
+        tasks = " ".join(f"{t} {100 * np.mean(c):.1f}" for t, c in test.items())
+        return f"| {name} | {val if isinstance(val, str) else f'{100 * val:.1f}'} | {main} | {tasks} | {diff} |"
+
+    for m, rec in anchors.items():
+        lines.append(row(f"{m} alone ({', '.join(f'{k}={v}' for k, v in rec['params'].items())})",
+                         mean_acc(rec["val"]), rec["test"]))
+    lines.append(row("BMM over TSV-M, default damping", mean_acc(bmm_default["val"]), bmm_default["test"]))
+    for opt in OPTIMIZERS:
+        for seed in seeds:
+            r = runs.get((opt, seed))
+            if r is None:
+                continue
+            g = runs.get(("grid", seed))
+            lines.append(row(f"search {opt} seed {seed}", r["val"] if r["val"] is not None else "-", r["test"],
+                             g["test"] if g is not None and opt != "grid" else None))
+    lines.append("")
+    lines.append("| optimizer | mean test over seeds | min | max | seeds >= grid | seeds >= best anchor alone |")
+    lines.append("|---|---|---|---|---|---|")
+    best_anchor = max(mean_acc(a["test"]) for a in anchors.values())
+    for opt in OPTIMIZERS:
+        vals = [(seed, mean_acc(runs[(opt, seed)]["test"])) for seed in seeds if (opt, seed) in runs]
+        if not vals:
+            continue
+        ge_grid = sum(1 for seed, v in vals if ("grid", seed) in runs and v >= mean_acc(runs[("grid", seed)]["test"]))
+        ge_anchor = sum(1 for _, v in vals if v >= best_anchor)
+        ts = [v for _, v in vals]
+        lines.append(f"| {opt} | {100 * np.mean(ts):.1f} | {100 * min(ts):.1f} | {100 * max(ts):.1f} | "
+                     f"{ge_grid}/{len(vals)} | {ge_anchor}/{len(vals)} |")
+    for post in posts:
+        cands = [c["beta"] for c in post.get("beta_candidates", [])]
+        lines += ["", f"Posterior ensemble at the {post['at']} search's point (S={post['samples']}, beta={post['beta']:g} "
+                  f"chosen on validation NLL from {cands}; modules {', '.join(post['modules'])}), test split"
+                  + (f"; the one-point search's written model scores {100 * post['written_test']:.1f} on test"
+                     if "written_test" in post else "") + ":", "",
+                  "| model | accuracy | ECE (20 bins) | NLL |", "|---|---|---|---|",
+                  f"| MAP (the written model) | {100 * post['map_accuracy']:.1f} | {post['map_ece']:.4f} | {post['map_nll']:.4f} |",
+                  f"| posterior ensemble | {100 * post['accuracy']:.1f} | {post['ece']:.4f} | {post['nll']:.4f} |"]
+        if "beta_candidates" in post:
+            lines += ["", "beta candidates on validation: " + "; ".join(
+                f"beta {c['beta']:g}: acc {100 * c['accuracy']:.1f}, ECE {c['ece']:.4f}, NLL {c['nll']:.4f}"
+                for c in post["beta_candidates"])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=ROOT / "tools" / "cache")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "search_compare")
-    ap.add_argument("--optimizers", nargs="+", default=["NGOpt", "CMA", "grid", "random"])
+    ap.add_argument("--suite", nargs="+", default=["decoder", "encoder"])
+    ap.add_argument("--optimizers", nargs="+", default=OPTIMIZERS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=20)
-    ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--proxy", type=int, default=50)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--proxy", type=int, default=50, help="validation rows per task of the proxy scorer")
+    ap.add_argument("--blocks", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-posterior", action="store_true")
+    ap.add_argument("--posterior-betas", nargs="+", type=float, default=BETAS)
+    ap.add_argument("--posterior-samples", type=int, default=10)
+    args = ap.parse_args(argv)
 
     import torch
-    from transformers import AutoModel
+    import transformers
 
-    import bmmstream
-    from bmmstream.statistics.calibration_data import load_tokenizer
-    from bmmstream.search.scorers import make_scorers
-
-    torch.set_num_threads(2)
-    man = json.loads((args.cache / "manifest.json").read_text())
-    tasks = list(man["experts"])
-    base = args.cache / man["base"]
-    data = {t: {"rows": str(args.cache / man["data"][t] / "val.jsonl"), "expert": str(args.cache / man["experts"][t])}
-            for t in tasks}
-    test = {t: {"rows": str(args.cache / man["data"][t] / "test.jsonl"), "expert": str(args.cache / man["experts"][t])}
-            for t in tasks}
-    tok = load_tokenizer(base)
-    test_scorers = {t: make_scorers({"kind": "encoder_accuracy", "data": {t: test[t]}}, tokenizer=tok)[0] for t in tasks}
-
-    def test_acc(folder: Path) -> dict[str, float]:
-        model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-        with torch.no_grad():
-            return {t: s(model) for t, s in test_scorers.items()}
-
-    rows = []
-    for opt in args.optimizers:
-        cfg = {
-            "base_model": str(base),
-            "models": [{"model": str(args.cache / man["experts"][t])} for t in tasks],
-            "merge_method": "bmm",
-            "parameters": {"anchor": "task_arithmetic", "anchor_parameters": {"scale": 0.3},
-                           "statistics": "data_free", "blocks": args.blocks},
-            "dtype": "float32",
-            "out_dtype": "float32",
-            "search": {"optimizer": opt, "budget": args.budget, "seed": args.seed, "rho_range": [1e-4, 10.0],
-                       "scale_range": [1.0, 1.3], "full_top_k": 3,
-                       "scorer": {"kind": "encoder_accuracy", "data": data, "proxy_size": args.proxy}},
-        }
-        t0 = time.perf_counter()
-        res = bmmstream.search_merge(cfg, run_dir=args.out / opt, device="cpu", progress=False)
-        wall = time.perf_counter() - t0
-        acc = test_acc(res["output"])
-        rows.append({"optimizer": opt, "val": res["best_score"], "test": acc, "evaluations": res["evaluations"],
-                     "seconds": wall, "best": res["best_params"]})
-        print(f"{opt:8s} val {res['best_score'] if res['best_score'] is not None else float('nan'):.4f}  "
-              f"test mean {sum(acc.values()) / len(acc):.4f}  "
-              + "  ".join(f"{t} {a:.3f}" for t, a in acc.items())
-              + f"  evaluations {res['evaluations']}  {wall:.0f} s", flush=True)
-    # references: the anchor alone (TA 0.3) and BMM at the default rho, no search
-    for name, method, params in (("TA 0.3 (anchor)", "task_arithmetic", {"scale": 0.3}),
-                                 ("BMM rho=0.01", "bmm", {"anchor": "task_arithmetic", "anchor_parameters": {"scale": 0.3}, "rho": 0.01})):
-        out = args.out / "refs" / method
-        cfg = {"base_model": str(base), "models": [{"model": str(args.cache / man["experts"][t])} for t in tasks],
-               "merge_method": method, "parameters": params, "dtype": "float32", "out_dtype": "float32"}
-        path = bmmstream.merge(cfg, out=out / "model", run_dir=out / "run", device="cpu", progress=False)
-        acc = test_acc(path)
-        print(f"{name:16s} test mean {sum(acc.values()) / len(acc):.4f}  " + "  ".join(f"{t} {a:.3f}" for t, a in acc.items()))
-    print(f"machine: {platform.machine()} python {platform.python_version()} torch {torch.__version__}, "
-          f"budget {args.budget}, blocks {args.blocks}, proxy {args.proxy} rows/task")
-    (args.out / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    for name in args.suite:
+        suite = Suite(args.cache, name)
+        bench = Bench(suite, args.out)
+        anchors = bench.anchors()
+        tsv = anchors["tsv"]
+        bmm_default = bench.merge_scored(f"bmm:tsv:{tsv['params']}", "bmm",
+                                         {"anchor": "tsv", "anchor_parameters": tsv["params"], "statistics": "data_free"})
+        runs = {}
+        for seed in args.seeds:  # seed-major: a run cut short still has every optimiser at the first seeds
+            for opt in args.optimizers:
+                r = bench.search(opt, seed, tsv, args.budget, args.proxy, args.blocks)
+                runs[(opt, seed)] = r
+                print(f"[{name}] {opt:9s} seed {seed}: val {r['val'] if r['val'] is not None else float('nan'):.4f} "
+                      f"test {fmt(r['test'])}  {r['search_s']:.0f} s", flush=True)
+        posts = [dict(r["posterior"], at=f"{o} seed {sd} (in-search)") for (o, sd), r in sorted(runs.items())
+                 if "posterior" in r]
+        first = runs.get(("staged", args.seeds[0]))
+        if first is not None and not args.no_posterior:
+            p = bench.posterior_at(first, tsv, args.posterior_betas, args.posterior_samples)
+            if p is not None:
+                posts.append(dict(p, at=f"staged seed {args.seeds[0]}"))
+        text = report(bench, anchors, bmm_default, runs, args.seeds, posts)
+        (bench.out / "report.md").write_text(text + "\n")
+        print(text, flush=True)
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, python "
+          f"{platform.python_version()}, torch {torch.__version__}; budget {args.budget}, proxy {args.proxy} "
+          f"rows/task, blocks {args.blocks}; {time.perf_counter() - t_all:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
