@@ -76,20 +76,20 @@ class Suite:
             self._tok = load_tokenizer(self.base)
         return self._tok
 
-    def load(self, folder: Path):
+    def load(self, folder: Path, device: str = "cpu"):
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
 
         cls = AutoModel if self.name == "encoder" else AutoModelForCausalLM
-        return cls.from_pretrained(folder, dtype=torch.float32).eval()
+        return cls.from_pretrained(folder, dtype=torch.float32).eval().to(device)
 
-    def correct(self, folder: Path, split: str) -> dict[str, list[int]]:
+    def correct(self, folder: Path, split: str, device: str = "cpu") -> dict[str, list[int]]:
         """Per task, 0/1 correctness of every row of the split (what the bootstrap resamples)."""
         import torch
 
         from bmmstream.search.scorers import make_scorers
 
-        model = self.load(folder)
+        model = self.load(folder, device)
         out = {}
         with torch.no_grad():
             for t in self.tasks:
@@ -124,8 +124,8 @@ def bootstrap(correct: dict[str, list[int]], other: dict[str, list[int]] | None 
 
 
 class Bench:
-    def __init__(self, suite: Suite, out: Path):
-        self.suite, self.out = suite, out / suite.name
+    def __init__(self, suite: Suite, out: Path, device: str = "cpu"):
+        self.suite, self.out, self.device = suite, out / suite.name, device
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "results.json"
         self.res = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -147,11 +147,11 @@ class Bench:
             return self.res[key]
         d = self.out / "merges" / safe(key)
         t0 = time.perf_counter()
-        path = bmmstream.merge(self.cfg(method, params), out=d / "model", run_dir=d / "run", device="cpu",
+        path = bmmstream.merge(self.cfg(method, params), out=d / "model", run_dir=d / "run", device=self.device,
                                progress=False)
         rec = {"method": method, "params": params, "merge_s": time.perf_counter() - t0}
         for sp in splits:
-            rec[sp] = self.suite.correct(path, sp)
+            rec[sp] = self.suite.correct(path, sp, self.device)
         self.res[key] = rec
         self.save()
         return rec
@@ -169,7 +169,7 @@ class Bench:
             key, rec = best
             if "test" not in rec:
                 d = self.out / "merges" / safe(key)
-                rec["test"] = self.suite.correct(d / "model", "test")
+                rec["test"] = self.suite.correct(d / "model", "test", self.device)
                 self.save()
             picked[method] = rec
         return picked
@@ -191,10 +191,10 @@ class Bench:
         cfg = self.cfg("bmm", params) | {"search": search}
         d = self.out / "searches" / safe(key)
         t0 = time.perf_counter()
-        r = bmmstream.search_merge(cfg, out=d / "model", run_dir=d / "run", device="cpu", progress=False)
+        r = bmmstream.search_merge(cfg, out=d / "model", run_dir=d / "run", device=self.device, progress=False)
         rec = {"optimizer": opt, "seed": seed, "anchor": anchor["params"], "val": r["best_score"], "best": r["best_params"],
                "evaluations": r["evaluations"], "search_s": time.perf_counter() - t0,
-               "test": s.correct(Path(r["output"]), "test")}
+               "test": s.correct(Path(r["output"]), "test", self.device)}
         post = d / "run" / "search-report" / "posterior.json"
         if post.exists():  # runs made while the posterior rode along with the search
             rec["posterior"] = json.loads(post.read_text())
@@ -227,10 +227,10 @@ class Bench:
         d = self.out / "searches" / safe(key)
         t0 = time.perf_counter()
         r = bmmstream.search_merge(self.cfg("bmm", params) | {"search": search}, out=d / "model", run_dir=d / "run",
-                                   device="cpu", progress=False)
+                                   device=self.device, progress=False)
         rec = json.loads((d / "run" / "search-report" / "posterior.json").read_text())
         rec["seconds"] = time.perf_counter() - t0
-        rec["written_test"] = mean_acc(s.correct(Path(r["output"]), "test"))
+        rec["written_test"] = mean_acc(s.correct(Path(r["output"]), "test", self.device))
         self.res[key] = rec
         self.save()
         return rec
@@ -309,6 +309,7 @@ def main(argv=None) -> None:
     ap.add_argument("--proxy", type=int, default=50, help="validation rows per task of the proxy scorer")
     ap.add_argument("--blocks", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: merges, searches and test scoring")
     ap.add_argument("--no-posterior", action="store_true")
     ap.add_argument("--posterior-betas", nargs="+", type=float, default=BETAS)
     ap.add_argument("--posterior-samples", type=int, default=10)
@@ -322,7 +323,7 @@ def main(argv=None) -> None:
     t_all = time.perf_counter()
     for name in args.suite:
         suite = Suite(args.cache, name)
-        bench = Bench(suite, args.out)
+        bench = Bench(suite, args.out, args.device)
         anchors = bench.anchors()
         tsv = anchors["tsv"]
         bmm_default = bench.merge_scored(f"bmm:tsv:{tsv['params']}", "bmm",
