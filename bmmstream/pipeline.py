@@ -436,7 +436,10 @@ def _merge_stream(
         inp.deltas = None  # the T task vectors go before the weight is built and converted
         w = _weight(job, inp, u, raw)
         del inp, u
-        yield n, w.to(dtype=out_dt[n]).cpu()
+        out = w.to(dtype=out_dt[n]).cpu()
+        del w  # not held while suspended: the next module's merge would run beside a compute-dtype copy
+        yield n, out
+        del out
 
 
 def _statistics(job: Job, inp: ModuleInput, store: StatsStore) -> dict[str, torch.Tensor]:

@@ -27,11 +27,21 @@ def _dense(D: torch.Tensor, normalize: bool):
     return G, C
 
 
+@pytest.fixture(params=["scipy-blas", "torch-gemm"])
+def stats_backend(request, monkeypatch):
+    """CPU statistics through scipy's SYRK/SYMM and through torch's blocked GEMMs (the path taken when
+    scipy's OpenBLAS was loaded before bmmstream and keeps its threads spinning: blas_env)."""
+    import bmmstream.statistics.blas_env as be
+
+    monkeypatch.setattr(be, "scipy_blas_fits", lambda: request.param == "scipy-blas")
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(4, 30, 20), (4, 10, 40), (3, 9, 9), (2, 1, 5)])
 @pytest.mark.parametrize("dtype,sdt,tol", [(torch.float32, torch.float64, 1e-14), (torch.float64, None, 1e-14),
                                            (torch.float32, None, 1e-6)])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_datafree_stats_equal_dense_float64(shape, dtype, sdt, tol, normalize):
+def test_datafree_stats_equal_dense_float64(shape, dtype, sdt, tol, normalize, stats_backend):
     g = torch.Generator().manual_seed(sum(shape))
     D = torch.randn(*shape, generator=g, dtype=dtype)
     D[0] *= 5.0  # unequal norms: the task weights matter
@@ -69,8 +79,9 @@ def test_datafree_grams_per_task():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_syrk_lower_in_place_both_layouts(dtype):
-    """CPU float32/64: scipy's SYRK writes into `out` itself; other dtypes: the blocked torch path."""
+def test_syrk_lower_in_place_both_layouts(dtype, stats_backend):
+    """CPU float32/64: scipy's SYRK writes into `out` itself; other dtypes (and stats_backend torch-gemm):
+    the blocked torch path."""
     A = torch.randn(23, 9).to(dtype)
     for X in (A, A.T.contiguous().T):  # C- and F-contiguous views of the same values
         out = torch.full((9, 9), 7.0, dtype=dtype)
@@ -97,6 +108,26 @@ def test_fill_upper_blocked(monkeypatch):
     L = S.tril()
     fill_upper_(S)
     assert torch.equal(S, L + L.tril(-1).T)
+
+
+def test_openblas_threads_sleep_unless_scipy_was_loaded_first():
+    """blas_env: bmmstream sets OPENBLAS_THREAD_TIMEOUT before scipy's BLAS loads (so its spinning
+    threads do not slow the MKL solve), keeps a user's value, and avoids scipy's BLAS for the
+    statistics when scipy.linalg was loaded before it (the setting cannot take effect then)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os; from bmmstream.statistics import blas_env; print(os.environ['OPENBLAS_THREAD_TIMEOUT'], blas_env.scipy_blas_fits())"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+
+    def run(code, **extra):
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert run(probe) == ["4", "True"]
+    assert run("import scipy.linalg; " + probe) == ["4", "False"]
+    assert run("import scipy.linalg; " + probe, OPENBLAS_THREAD_TIMEOUT="30") == ["30", "True"]
 
 
 def _case(d_out=12, d_in=20, T=3, rank=2, seed=0):

@@ -27,7 +27,8 @@ class TaskArithmetic(MergeMethod):
         self.scale, self.normalize = self.finite("scale"), self.flag("normalize")
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
-        return self.scale * weighted_combination(inp.deltas, self.model_weights(inp), self.normalize)
+        # weighted_combination returns a new tensor: scaled in place, the same values without a second copy
+        return weighted_combination(inp.deltas, self.model_weights(inp), self.normalize).mul_(self.scale)
 
     def merge_raw(self, raw: RawModule, out_dtype: torch.dtype) -> torch.Tensor | None:
         """W_pre + scale * sum_t w_t U_t straight from the stored tensors (linear_kernels), the same bytes."""

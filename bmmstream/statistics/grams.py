@@ -28,24 +28,45 @@ down projections). Both are 0.44-0.75x the 4 d_out d_in^2 of two GEMMs (0.58x ov
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from bmmstream.statistics import blas_env
 from bmmstream.plan.estimate import c_via_outer, datafree_flops  # the association rule and its cost: shape-only
 
 # dtypes whose SYRK/SYMM go through scipy's BLAS on the CPU (others: torch's blocked products)
 SCIPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _scipy_blas(*ts: torch.Tensor) -> bool:
+    """CPU tensors of one scipy dtype, and scipy's OpenBLAS threads sleep when idle (blas_env)."""
+    return (all(t.device.type == "cpu" and t.dtype in SCIPY_DTYPES for t in ts) and len({t.dtype for t in ts}) == 1
+            and blas_env.scipy_blas_fits())
 FILL_BLOCK = 1024  # rows per step when mirroring a triangle: temporaries of FILL_BLOCK^2, never d_in^2
 
 
 def _blas_threads():
     """Limit scipy's BLAS to torch's thread count (the user's --threads) for the duration."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scipy's usual installs
+    ctl = _blas_controller()
+    if ctl is None:  # pragma: no cover - threadpoolctl ships with scipy's usual installs
         import contextlib
 
         return contextlib.nullcontext()
-    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+    return ctl.limit(limits=torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """scipy's BLAS libraries, found once per process: threadpoolctl's per-call discovery (parsing
+    the loaded libraries) cost ~1 ms, several per module (7% of the statistics of a 0.35B layer)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover
+        return None
+    import scipy.linalg.blas  # noqa: F401 - load the BLAS to be controlled before the discovery
+
+    return ThreadpoolController().select(user_api="blas")
 
 
 def _scipy_syrk(dtype: torch.dtype):
@@ -58,8 +79,7 @@ def syrk_lower_(A: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, beta: fl
     """out's lower triangle (diagonal included) := beta * out + alpha * A^T A; the strict upper
     triangle is left as it was on the CPU path (mirror it with fill_upper_). `out` is a contiguous
     [k, k] tensor in A's dtype, A is [n, k], C- or F-contiguous (e.g. U or U.T)."""
-    if (A.device.type == "cpu" and A.dtype in SCIPY_DTYPES and out.is_contiguous()
-            and (A.is_contiguous() or A.T.is_contiguous())):
+    if _scipy_blas(A, out) and out.is_contiguous() and (A.is_contiguous() or A.T.is_contiguous()):
         # numpy views of the torch buffers: out (row-major) is its transpose in Fortran order, so
         # BLAS's upper triangle is torch's lower one
         a, trans = (A.numpy().T, 0) if A.is_contiguous() else (A.numpy(), 1)
@@ -79,15 +99,10 @@ def syrk_lower_(A: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, beta: fl
     return out
 
 
-def _blas_ok(*ts: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype in SCIPY_DTYPES for t in ts) and \
-        len({t.dtype for t in ts}) == 1
-
-
 def symm_acc_(S: torch.Tensor, B: torch.Tensor, C: torch.Tensor, alpha: float, right: bool) -> torch.Tensor:
     """C += alpha * B S (`right`) or alpha * S B, where only S's lower triangle is valid (a SYMM:
     the triangle is never mirrored); S, C contiguous, B C-contiguous."""
-    if _blas_ok(S, B, C) and S.is_contiguous() and C.is_contiguous() and B.is_contiguous():
+    if _scipy_blas(S, B, C) and S.is_contiguous() and C.is_contiguous() and B.is_contiguous():
         from scipy.linalg import blas
 
         symm = blas.ssymm if S.dtype == torch.float32 else blas.dsymm
