@@ -681,7 +681,7 @@ def status(run_dir: str | Path) -> dict:
 
 def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
     """`bmm plan`: open and check the sources (headers only), plan, and estimate the run's cost."""
-    from bmmstream.plan.estimate import estimate_report
+    from bmmstream.plan.estimate import STREAM_FUSED, STREAM_TENSOR, STREAM_UNIT, estimate_report
     from bmmstream.sources.validate import validate_sources
     from bmmstream.statistics.calibration_data import CalibrationSpec
 
@@ -695,10 +695,18 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
         method = build_method(cfg, plan)
     finally:
         sources.close()
-    out_bytes = sum(
-        infos[n].numel * torch.empty((), dtype=ST_TO_TORCH[out_dtype_for(n, infos[n].dtype, cfg)]).element_size()
-        for n in infos
-    )
+    out_elem = {n: torch.empty((), dtype=ST_TO_TORCH[out_dtype_for(n, infos[n].dtype, cfg)]).element_size()
+                for n in infos}
+    out_bytes = sum(infos[n].numel * out_elem[n] for n in infos)
+    # how the run will hand the method its tensors (as _merge_stream decides; an extended vocabulary,
+    # which plan does not resolve, takes the tensor path)
+    if _overrides(method, "merge_unit") and not getattr(method, "merges_by_module", False):
+        stream = STREAM_UNIT
+    elif (dev.type == "cpu" and cfg.compute_dtype == torch.float32 and cfg.tokenizer_source is None
+          and method.fuses_raw()):
+        stream = STREAM_FUSED
+    else:
+        stream = STREAM_TENSOR
     calibration_tokens = None
     if getattr(method, "needs_grams", False):
         # a model without calibration data is named by validation when the run starts
@@ -720,4 +728,8 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
         calibration_tokens=calibration_tokens,
         keep_statistics=bool(cfg.parameters.get("keep_statistics", False)) or cfg.search is not None,
         device=dev,
+        stream=stream,
+        out_element_bytes=out_elem,
+        raw_scratch_bytes=method.raw_scratch_bytes,
+        working_copies=method.working_copies(len(cfg.models)),
     )

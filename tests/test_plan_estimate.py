@@ -94,3 +94,37 @@ def test_plan_counts_the_calibration_grams_the_run_stores(tiny_llama_suite, tmp_
             grams += arr.nbytes if name == "S" else 0
     assert grams > 0
     assert stored == rep["estimate"]["stats_disk_bytes"]
+
+
+def test_plan_memory_follows_how_the_method_streams(tiny_llama_suite):
+    """Non-BMM methods: the fused raw path holds outputs (and the method's raw scratch), the general
+    path one tensor's base + T task vectors + the method's working copies (bmm plan vs measured on
+    the 0.35B suite: bench/perf_vs_mergekit.py)."""
+    from bmmstream.methods.registry import get_method
+    from bmmstream.plan.estimate import MERGE_RUNTIME_BYTES, STREAM_FUSED, STREAM_TENSOR, stream_unit_bytes
+
+    s = tiny_llama_suite
+    T = len(s.experts)
+
+    def peak(method, **params):
+        cfg = {"base_model": str(s.base), "models": [{"model": str(e)} for e in s.experts], "merge_method": method,
+               "parameters": params, "dtype": "float32", "out_dtype": "bfloat16"}
+        rep = bmmstream.plan_merge(cfg, device="cpu")
+        return rep, rep["estimate"]["peak_ram_bytes"] - MERGE_RUNTIME_BYTES
+
+    rep, ta = peak("task_arithmetic", scale=0.5)
+    sizes = {m["name"]: m["shape"] for m in rep["modules"]}
+    n_max = max(int(torch.tensor(sh).prod()) for sh in sizes.values())
+    assert get_method("task_arithmetic").fuses_raw() and not get_method("ties", {"threshold": "per_tensor"}).fuses_raw()
+    assert get_method("ties").fuses_raw() and get_method("ties").raw_scratch_bytes == 4
+    _, ties_global = peak("ties", density=0.5)
+    _, ties_pt = peak("ties", density=0.5, threshold="per_tensor")
+    # the fused paths hold no compute-dtype copy of the inputs (TIES: its float32 signs beside them);
+    # the per-tensor TIES holds base + T task vectors + T + 4 working copies of its largest tensor
+    assert ta < ties_global < ties_pt
+    assert ties_pt >= (2 * T + 5) * n_max * 4
+    units = [(10, 2), (30, 2)]  # (elements, output bytes per element)
+    assert stream_unit_bytes(units, 3, 4, STREAM_FUSED) == 2 * 80
+    assert stream_unit_bytes(units, 3, 4, STREAM_FUSED, scratch=4) == 2 * 80 + 30 * 4
+    assert stream_unit_bytes(units, 3, 4, STREAM_TENSOR) == 2 * 80 + 6 * 30 * 4
+    assert stream_unit_bytes(units, 3, 4, STREAM_TENSOR, working=7) == 2 * 80 + 11 * 30 * 4

@@ -66,6 +66,8 @@ class MergeMethod:
     aliases: ClassVar[dict[str, str]] = {}  # accepted other name -> global parameter
     tensor_parameters: ClassVar[dict[str, Any]] = {}  # per-model parameter -> default (None: the global one)
     needs_prepass: ClassVar[bool] = False
+    # bytes per element a merge_raw call may allocate beside its output (bmm plan's memory estimate)
+    raw_scratch_bytes: ClassVar[int] = 0
 
     def __init__(
         self, params: dict | None = None, *, seed: int = 0, models: Sequence[ModelParameters] | None = None
@@ -220,6 +222,16 @@ class MergeMethod:
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         """Merged task vector for one tensor: same shape as `inp.base`."""
         raise NotImplementedError
+
+    def fuses_raw(self) -> bool:
+        """Whether merge_raw serves this configuration at all (`bmm plan`'s memory estimate; it may
+        still decline single tensors)."""
+        return type(self).merge_raw is not MergeMethod.merge_raw
+
+    def working_copies(self, tasks: int) -> float:
+        """Compute-dtype copies of one tensor `merge` holds beyond its base and task vectors (`bmm
+        plan`'s memory estimate): by default the merged value and the weight built from it."""
+        return 2.0
 
     def merge_unit(self, inputs: list[ModuleInput]) -> dict[str, torch.Tensor]:
         """Merge all tensors of one streaming unit; override to batch across tensors."""

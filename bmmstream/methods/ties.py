@@ -179,6 +179,7 @@ class Ties(MergeMethod):
     defaults = {"density": 0.2, "scale": 1.0, "threshold": "global", "normalize": True}
     aliases = {"lambda": "scale"}
     tensor_parameters = {"weight": 1.0, "density": None}  # density: the global one
+    raw_scratch_bytes = 4  # merge_raw's float32 signs where the majority sign is decided over the whole tensor
 
     def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
         super().__init__(params, seed=seed, models=models)
@@ -276,6 +277,14 @@ class Ties(MergeMethod):
             ]
             self._counts = None  # 8 MiB per task, no longer needed
         return self._thresholds
+
+    def fuses_raw(self) -> bool:
+        return self.params["threshold"] == "global"
+
+    def working_copies(self, tasks: int) -> float:
+        # the trimmed task vectors, the mask, the signs and the sums beside them: T + 4 measured on
+        # the per-tensor path (bench/perf_vs_mergekit.py, 0.35B suite, T = 4: 1.96 GiB private)
+        return tasks + 4.0
 
     # -- pass 2 ----------------------------------------------------------------------------
     def trim(self, inp: ModuleInput) -> torch.Tensor:
