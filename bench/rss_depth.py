@@ -43,6 +43,11 @@ import json, sys, threading, time
 sys.path.insert(0, sys.argv[4])
 import bmmstream, bmmstream.pipeline, bmmstream.methods, torch, safetensors, zarr
 bmmstream.methods.method_names()
+try:  # the allocator setting `bmm` makes for its own process (cli.py), so this measures what the command holds
+    from bmmstream.cli import return_freed_memory
+    return_freed_memory()
+except ImportError:  # an older tree (--root)
+    pass
 def anon():
     for l in open("/proc/self/status"):
         if l.startswith("RssAnon"):
