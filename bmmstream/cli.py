@@ -39,14 +39,10 @@ def return_freed_memory() -> bool:
     """Fix glibc's mmap threshold at 1 MiB (no dynamic rise) so freed tensors go back to the system;
     False where the C library is not glibc or refuses."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        if not hasattr(libc, "gnu_get_libc_version"):
+        libc = ctypes.CDLL(None)  # the process's own symbols: the C library it runs on
+        if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
             return False
         return bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(MMAP_THRESHOLD_BYTES)))
     except (OSError, AttributeError):

@@ -679,6 +679,11 @@ def status(run_dir: str | Path) -> dict:
     }
 
 
+# stored dtypes the fused kernels read (methods/linear_kernels.py, ties_kernels.py); others take the
+# general path, which `bmm plan` must then assume
+FUSED_DTYPES = ("BF16", "F16", "F32")
+
+
 def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -> dict:
     """`bmm plan`: open and check the sources (headers only), plan, and estimate the run's cost."""
     from bmmstream.plan.estimate import STREAM_FUSED, STREAM_TENSOR, STREAM_UNIT, estimate_report
@@ -703,7 +708,8 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
     if _overrides(method, "merge_unit") and not getattr(method, "merges_by_module", False):
         stream = STREAM_UNIT
     elif (dev.type == "cpu" and cfg.compute_dtype == torch.float32 and cfg.tokenizer_source is None
-          and method.fuses_raw()):
+          and method.fuses_raw()
+          and all(i.dtype in FUSED_DTYPES for i in infos.values() if i.dtype.startswith(("F", "BF")))):
         stream = STREAM_FUSED
     else:
         stream = STREAM_TENSOR
@@ -730,6 +736,7 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
         device=dev,
         stream=stream,
         out_element_bytes=out_elem,
-        raw_scratch_bytes=method.raw_scratch_bytes,
+        raw_scratch_bytes=method.raw_scratch_bytes(len(cfg.models)),
         working_copies=method.working_copies(len(cfg.models)),
+        extra_bytes={m.name: method.extra_bytes(tuple(m.matrix_shape), m.kind, len(cfg.models)) for m in plan.modules},
     )

@@ -2,6 +2,8 @@
 statistics store, module-by-module merging: same results as dense float64 references."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,9 +34,13 @@ def stats_backend(request, monkeypatch):
     """CPU statistics through scipy's SYRK/SYMM and through torch's blocked GEMMs (the path taken when
     scipy's OpenBLAS was loaded before bmmstream and keeps its threads spinning: blas_env)."""
     import bmmstream.statistics.blas_env as be
+    import bmmstream.statistics.grams as gr
 
     monkeypatch.setattr(be, "scipy_blas_fits", lambda: request.param == "scipy-blas")
-    return request.param
+    calls = []
+    real = gr._scipy_syrk
+    monkeypatch.setattr(gr, "_scipy_syrk", lambda dtype: calls.append(dtype) or real(dtype))
+    return request.param, calls
 
 
 @pytest.mark.parametrize("shape", [(4, 30, 20), (4, 10, 40), (3, 9, 9), (2, 1, 5)])
@@ -46,6 +52,8 @@ def test_datafree_stats_equal_dense_float64(shape, dtype, sdt, tol, normalize, s
     D = torch.randn(*shape, generator=g, dtype=dtype)
     D[0] *= 5.0  # unequal norms: the task weights matter
     G, C = datafree_stats(D, normalize, sdt)
+    backend, scipy_calls = stats_backend
+    assert bool(scipy_calls) == (backend == "scipy-blas")  # the path the fixture chose is the one that ran
     Gr, Cr = _dense(D, normalize)
     assert G.dtype == (sdt or dtype) and C.dtype == (sdt or dtype)
     assert torch.equal(G, G.T)  # both triangles, exactly mirrored
@@ -121,9 +129,11 @@ def test_openblas_threads_sleep_unless_scipy_was_loaded_first():
     probe = "import os; from bmmstream.statistics import blas_env; print(os.environ['OPENBLAS_THREAD_TIMEOUT'], blas_env.scipy_blas_fits())"
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
 
+    root = Path(__file__).resolve().parents[1]
+
     def run(code, **extra):
         return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                              check=True).stdout.split()
+                              check=True, cwd=root).stdout.split()
 
     assert run(probe) == ["4", "True"]
     assert run("import scipy.linalg; " + probe) == ["4", "False"]

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = r"""
 import sys, torch
@@ -23,7 +26,7 @@ print(ok, round(before - anon()))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_tensors_go_back_to_the_system_with_the_fixed_threshold():
     def run(mode):
-        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, cwd=ROOT)
         ok, returned = out.stdout.split()
         return ok, int(returned)
 
@@ -43,6 +46,7 @@ def test_the_cli_applies_it(monkeypatch):
 
     calls = []
     monkeypatch.setattr(cli, "return_freed_memory", lambda: calls.append(1) or True)
-    CliRunner().invoke(app, ["plan", "--help"])
-    CliRunner().invoke(app, ["status", "/nonexistent"])
-    assert calls  # the callback ran before the command
+    assert CliRunner().invoke(app, ["plan", "--help"]).exit_code == 0
+    r = CliRunner().invoke(app, ["status", "/nonexistent"])
+    assert r.exit_code == 2 and r.output.startswith("error: ")
+    assert len(calls) == 2  # the callback ran before each command

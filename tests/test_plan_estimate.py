@@ -116,15 +116,22 @@ def test_plan_memory_follows_how_the_method_streams(tiny_llama_suite):
     sizes = {m["name"]: m["shape"] for m in rep["modules"]}
     n_max = max(int(torch.tensor(sh).prod()) for sh in sizes.values())
     assert get_method("task_arithmetic").fuses_raw() and not get_method("ties", {"threshold": "per_tensor"}).fuses_raw()
-    assert get_method("ties").fuses_raw() and get_method("ties").raw_scratch_bytes == 4
+    assert get_method("ties").fuses_raw() and get_method("ties").raw_scratch_bytes(T) == 4
+    # fused_merge keeps a float32 running sum between its passes over 4 experts
+    assert [get_method("task_arithmetic").raw_scratch_bytes(t) for t in (4, 5, 15, 16)] == [0, 4, 4, 0]
     _, ties_global = peak("ties", density=0.5)
     _, ties_pt = peak("ties", density=0.5, threshold="per_tensor")
     # the fused paths hold no compute-dtype copy of the inputs (TIES: its float32 signs beside them);
     # the per-tensor TIES holds base + T task vectors + T + 4 working copies of its largest tensor
     assert ta < ties_global < ties_pt
     assert ties_pt >= (2 * T + 5) * n_max * 4
-    units = [(10, 2), (30, 2)]  # (elements, output bytes per element)
+    units = [(10, 2, 0), (30, 2, 0)]  # (elements, output bytes per element, the method's extra bytes)
     assert stream_unit_bytes(units, 3, 4, STREAM_FUSED) == 2 * 80
     assert stream_unit_bytes(units, 3, 4, STREAM_FUSED, scratch=4) == 2 * 80 + 30 * 4
     assert stream_unit_bytes(units, 3, 4, STREAM_TENSOR) == 2 * 80 + 6 * 30 * 4
     assert stream_unit_bytes(units, 3, 4, STREAM_TENSOR, working=7) == 2 * 80 + 11 * 30 * 4
+    assert stream_unit_bytes([(10, 2, 10**6), (30, 2, 0)], 3, 4, STREAM_TENSOR) == 2 * 80 + 6 * 10 * 4 + 10**6
+    # RegMean holds its T input Grams and their working copies beside the task vectors
+    rm = get_method("regmean")
+    assert rm.extra_bytes((6, 8), "linear", 3) == 9 * 64 * 4 and rm.extra_bytes((8,), "vector", 3) == 0
+    assert get_method("dare_ties").working_copies(4) > get_method("dare_linear").working_copies(4) > 2

@@ -96,6 +96,11 @@ class Breadcrumbs(MergeMethod):
             out[t] = torch.where(mask, inp.deltas[t], torch.zeros_like(inp.deltas[t]))
         return out
 
+    def working_copies(self, tasks: int) -> float:
+        # counted from the code, not measured: the T masked task vectors, one task's sort (int64
+        # indices, two copies' worth), the merged value and the weight; TIES' election two more
+        return tasks + 4.0 + (2.0 if self.combine == "ties" else 0.0)
+
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         merged = combine_sparse(self.masked(inp), self.model_weights(inp), self.normalize, self.combine == "ties")
         return self.scale * merged

@@ -107,6 +107,11 @@ class Dare(MergeMethod):
         self.scale, self.normalize = self.finite("scale"), self.flag("normalize")
         self.flag("rescale")
 
+    def working_copies(self, tasks: int) -> float:
+        # counted from the code, not measured: the T rescaled sparse task vectors, their masks, the
+        # merged value and the weight; TIES' election (signs, agreement) two more
+        return tasks + 3.0 + (2.0 if self.params["combine"] == "ties" else 0.0)
+
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         count = int(inp.deltas.shape[0])
         dens = self.model_values("density", self.density, count) or self.density

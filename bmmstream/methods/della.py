@@ -123,6 +123,11 @@ class Della(MergeMethod):
             out[t] = magprune(inp.deltas[t], inp.spec.name, self.seed, t, dens[t], eps[t], self.params["rescale"])
         return out
 
+    def working_copies(self, tasks: int) -> float:
+        # counted from the code, not measured: the T sparsified task vectors, one task's argsort
+        # (int64), the merged value and the weight; TIES' election two more
+        return tasks + 4.0 + (2.0 if self.combine == "ties" else 0.0)
+
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         merged = combine_sparse(self.sparsified(inp), self.model_weights(inp), self.normalize, self.combine == "ties")
         return self.scale * merged

@@ -42,6 +42,11 @@ class Linear(MergeMethod):
         c = 1.0 if self.normalize else total
         return mixed if c == 1.0 else mixed + (c - 1.0) * inp.base
 
+    def raw_scratch_bytes(self, tasks: int) -> int:
+        from bmmstream.methods.linear_kernels import fused_merge_scratch_bytes
+
+        return fused_merge_scratch_bytes(tasks)
+
     def merge_raw(self, raw: RawModule, out_dtype: torch.dtype) -> torch.Tensor | None:
         """sum_t w_t W_t (/ sum_t w_t) straight from the stored tensors (linear_kernels), the same bytes
         as `merge` followed by W_pre + U."""

@@ -404,6 +404,12 @@ def _flat_view(t: torch.Tensor) -> np.ndarray | None:
     return t.reshape(-1).view(as_int).numpy().view(np_dtype)
 
 
+def fused_merge_scratch_bytes(tasks: int) -> int:
+    """Bytes per element fused_merge allocates beside its output: the float32 running sum kept between
+    passes of 4 experts (5 to 15 experts)."""
+    return 4 if 4 < tasks < 16 else 0
+
+
 def fused_merge(
     raw, out_dtype: torch.dtype, *, weights: list[float] | None, divide: bool, div: float,
     scale: float, cm1: float | None,
@@ -432,7 +438,7 @@ def fused_merge(
     tail_args = (np.float32(div if divide else 1.0), np.float32(scale), np.float32(cm1 if cm1 is not None else 0.0))
     nans = 0
     if T < 16:  # passes over 4 experts at a time (the running sum kept in float32 between passes)
-        acc = np.empty(n if T > 4 else 0, np.float32)
+        acc = np.empty(n if fused_merge_scratch_bytes(T) else 0, np.float32)
         group = 4
         for p in range(0, T, group):
             es = list(views[1 + p: 1 + p + group])

@@ -66,9 +66,6 @@ class MergeMethod:
     aliases: ClassVar[dict[str, str]] = {}  # accepted other name -> global parameter
     tensor_parameters: ClassVar[dict[str, Any]] = {}  # per-model parameter -> default (None: the global one)
     needs_prepass: ClassVar[bool] = False
-    # bytes per element a merge_raw call may allocate beside its output (bmm plan's memory estimate)
-    raw_scratch_bytes: ClassVar[int] = 0
-
     def __init__(
         self, params: dict | None = None, *, seed: int = 0, models: Sequence[ModelParameters] | None = None
     ):
@@ -227,6 +224,16 @@ class MergeMethod:
         """Whether merge_raw serves this configuration at all (`bmm plan`'s memory estimate; it may
         still decline single tensors)."""
         return type(self).merge_raw is not MergeMethod.merge_raw
+
+    def raw_scratch_bytes(self, tasks: int) -> int:
+        """Bytes per element of one tensor a merge_raw call may allocate beside its output (`bmm
+        plan`'s memory estimate)."""
+        return 0
+
+    def extra_bytes(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> int:
+        """Bytes beyond working_copies that `merge` holds for one tensor (`bmm plan`'s memory estimate):
+        e.g. RegMean's input Grams."""
+        return 0
 
     def working_copies(self, tasks: int) -> float:
         """Compute-dtype copies of one tensor `merge` holds beyond its base and task vectors (`bmm

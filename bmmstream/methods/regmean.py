@@ -78,6 +78,12 @@ class RegMean(MergeMethod):
             raise BmmError(f"merge method 'regmean': {self.given(key)} must be a number in [0, 1], got {a!r}")
         self.damped: dict[str, float] = {}
 
+    def extra_bytes(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> int:
+        # counted from the code: the T float32 Grams, their shrunk copy, the sum, its factor and a copy
+        if kind != "linear" or len(matrix_shape) != 2:
+            return 0
+        return (2 * tasks + 3) * matrix_shape[1] ** 2 * 4
+
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         name = inp.spec.name
         if inp.grams is None or inp.base.ndim != 2 or inp.spec.kind != "linear":

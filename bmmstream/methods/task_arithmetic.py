@@ -30,6 +30,11 @@ class TaskArithmetic(MergeMethod):
         # weighted_combination returns a new tensor: scaled in place, the same values without a second copy
         return weighted_combination(inp.deltas, self.model_weights(inp), self.normalize).mul_(self.scale)
 
+    def raw_scratch_bytes(self, tasks: int) -> int:
+        from bmmstream.methods.linear_kernels import fused_merge_scratch_bytes
+
+        return fused_merge_scratch_bytes(tasks)
+
     def merge_raw(self, raw: RawModule, out_dtype: torch.dtype) -> torch.Tensor | None:
         """W_pre + scale * sum_t w_t U_t straight from the stored tensors (linear_kernels), the same bytes."""
         from bmmstream.methods.linear_kernels import fused_merge  # numba: imported when first merged

@@ -179,7 +179,6 @@ class Ties(MergeMethod):
     defaults = {"density": 0.2, "scale": 1.0, "threshold": "global", "normalize": True}
     aliases = {"lambda": "scale"}
     tensor_parameters = {"weight": 1.0, "density": None}  # density: the global one
-    raw_scratch_bytes = 4  # merge_raw's float32 signs where the majority sign is decided over the whole tensor
 
     def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
         super().__init__(params, seed=seed, models=models)
@@ -280,6 +279,11 @@ class Ties(MergeMethod):
 
     def fuses_raw(self) -> bool:
         return self.params["threshold"] == "global"
+
+    def raw_scratch_bytes(self, tasks: int) -> int:
+        # merge_raw's float32 signs where the majority sign is decided over the whole tensor (a stored
+        # (d_in, d_out) tensor, GPT-2's Conv1D, needs a transposed copy of them too: 8)
+        return 4
 
     def working_copies(self, tasks: int) -> float:
         # the trimmed task vectors, the mask, the signs and the sums beside them: T + 4 measured on

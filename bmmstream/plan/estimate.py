@@ -72,22 +72,23 @@ STREAM_TENSOR = "tensor"  # one tensor's base and T task vectors in the compute 
 STREAM_UNIT = "unit"  # merge_unit overridden: a whole unit's inputs at once
 
 
-def stream_unit_bytes(sizes: list[tuple[int, int]], T: int, cb: int, stream: str, scratch: int = 0,
+def stream_unit_bytes(sizes: list[tuple[int, int, int]], T: int, cb: int, stream: str, scratch: int = 0,
                       working: float = 2.0) -> int:
     """Peak bytes of a non-BMM method's tensors while one unit is merged; `sizes`: (elements, output
-    bytes per element) per tensor. The write-behind may still hold the previous unit's output, counted
-    as one more unit's output. fused: each tensor's output plus `scratch` bytes per element (the
-    method's raw_scratch_bytes); tensor: base + T task vectors + `working` more copies (the method's
-    working_copies) of the largest tensor in the compute dtype; unit: that for every tensor at once."""
+    bytes per element, the method's extra_bytes) per tensor. The write-behind may still hold the
+    previous unit's output, counted as one more unit's output. fused: each tensor's output plus `scratch`
+    bytes per element (the method's raw_scratch_bytes); tensor: base + T task vectors + `working` more
+    copies (the method's working_copies) of a tensor in the compute dtype + its extra bytes, the largest
+    such; unit: that for every tensor at once."""
     if not sizes:
         return 0
-    out = sum(n * ob for n, ob in sizes)
+    out = sum(n * ob for n, ob, _ in sizes)
     if stream == STREAM_FUSED:
-        return 2 * out + max(n * scratch for n, _ in sizes)
+        return 2 * out + max(n * scratch for n, _, _ in sizes)
     copies = T + 1 + working
     if stream == STREAM_TENSOR:
-        return int(2 * out + max(copies * n * cb for n, _ in sizes))
-    return int(out + sum(copies * n * cb for n, _ in sizes))
+        return int(2 * out + max(copies * n * cb + x for n, _, x in sizes))
+    return int(2 * out + sum(copies * n * cb + x for n, _, x in sizes))
 
 
 def bmm_unit_bytes(shapes: list[tuple[tuple[int, ...], bool]], T: int, cb: int, sb: int, module_stream: bool,
@@ -150,14 +151,15 @@ def estimate_report(
     out_element_bytes: dict[str, int] | None = None,
     raw_scratch_bytes: int = 0,
     working_copies: float = 2.0,
+    extra_bytes: dict[str, int] | None = None,
 ) -> dict:
     """The `bmm plan` report from the plan and the headers: no weight is read.
 
     `calibration_tokens` holds each expert's calibration token budget (samples x max_len) when the
     method needs data-assisted Grams, else None. `module_stream`: the pipeline merges BMM one module
     at a time (BMM declares merges_by_module, pipeline._merge_stream honours it; see bmm_unit_bytes). BMM's FLOPs are timed at the statistics dtype's matmul rate.
-    `stream`, `out_element_bytes` (per tensor name), `raw_scratch_bytes` and `working_copies`: how any
-    other method merges (stream_unit_bytes)."""
+    `stream`, `out_element_bytes` and `extra_bytes` (per tensor name), `raw_scratch_bytes` and
+    `working_copies`: how any other method merges (stream_unit_bytes)."""
     T = experts
     cb, sb = compute_bytes, statistics_bytes
     # calibration Grams: float64 with BMM's float64 statistics (statistics/data_assisted.gram_dtype)
@@ -176,7 +178,8 @@ def estimate_report(
                        by_name[n].kind == "linear") for n in names]
             unit = MERGE_RUNTIME_BYTES + bmm_unit_bytes(shapes, T, cb, sb, module_stream, gb)
         else:
-            sizes = [(infos[n].numel, (out_element_bytes or {}).get(n, cb)) for n in names]
+            sizes = [(infos[n].numel, (out_element_bytes or {}).get(n, cb), (extra_bytes or {}).get(n, 0))
+                     for n in names]
             unit = MERGE_RUNTIME_BYTES + stream_unit_bytes(sizes, T, cb, stream, raw_scratch_bytes, working_copies)
         peak_ram = max(peak_ram, unit)
         stats_peak = max(stats_peak, stats)

@@ -61,8 +61,8 @@ def _blas_controller():
     """scipy's BLAS libraries, found once per process: threadpoolctl's per-call discovery (parsing
     the loaded libraries) cost ~1 ms, several per module (7% of the statistics of a 0.35B layer)."""
     try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover
+        from threadpoolctl import ThreadpoolController  # threadpoolctl >= 3
+    except ImportError:  # pragma: no cover - absent or older: scipy's BLAS runs with its own thread count
         return None
     import scipy.linalg.blas  # noqa: F401 - load the BLAS to be controlled before the discovery
 
