@@ -311,6 +311,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda: merges, searches and test scoring")
     ap.add_argument("--no-posterior", action="store_true")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report the searches already in results.json; run none (implies --no-posterior)")
     ap.add_argument("--posterior-betas", nargs="+", type=float, default=BETAS)
     ap.add_argument("--posterior-samples", type=int, default=10)
     args = ap.parse_args(argv)
@@ -331,6 +333,9 @@ def main(argv=None) -> None:
         runs = {}
         for seed in args.seeds:  # seed-major: a run cut short still has every optimiser at the first seeds
             for opt in args.optimizers:
+                if args.cached_only and (f"search:{opt}:seed{seed}:budget{args.budget}:proxy{args.proxy}:"
+                                         f"blocks{args.blocks}") not in bench.res:
+                    continue
                 r = bench.search(opt, seed, tsv, args.budget, args.proxy, args.blocks)
                 runs[(opt, seed)] = r
                 print(f"[{name}] {opt:9s} seed {seed}: val {r['val'] if r['val'] is not None else float('nan'):.4f} "
@@ -338,7 +343,7 @@ def main(argv=None) -> None:
         posts = [dict(r["posterior"], at=f"{o} seed {sd} (in-search)") for (o, sd), r in sorted(runs.items())
                  if "posterior" in r]
         first = runs.get(("staged", args.seeds[0]))
-        if first is not None and not args.no_posterior:
+        if first is not None and not (args.no_posterior or args.cached_only):
             p = bench.posterior_at(first, tsv, args.posterior_betas, args.posterior_samples)
             if p is not None:
                 posts.append(dict(p, at=f"staged seed {args.seeds[0]}"))
