@@ -338,6 +338,12 @@ def _overrides(method: MergeMethod, hook: str) -> bool:
     return getattr(type(method), hook) is not getattr(MergeMethod, hook)
 
 
+def _takes_units(method: MergeMethod) -> bool:
+    """Whether the method gets a whole unit's inputs at once (it overrides merge_unit to batch or
+    couple tensors) rather than one tensor at a time (_merge_stream; `bmm plan`'s estimate)."""
+    return _overrides(method, "merge_unit") and not getattr(method, "merges_by_module", False)
+
+
 def _prepass(job: Job, progress: bool) -> None:
     if not job.method.needs_prepass:
         return
@@ -396,7 +402,7 @@ def _merge_stream(
     method = job.method
     out_dt = _out_dtypes(job)
     with_stats = store is not None and getattr(method, "uses_statistics", False)
-    if _overrides(method, "merge_unit") and not getattr(method, "merges_by_module", False):
+    if _takes_units(method):
         inputs, passthrough = _unit_inputs(job, names, store)
         if with_stats:
             stats = {inp.spec.name: _statistics(job, inp, store) for inp in inputs if inp.spec.kind == "linear"}
@@ -705,7 +711,7 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
     out_bytes = sum(infos[n].numel * out_elem[n] for n in infos)
     # how the run will hand the method its tensors (as _merge_stream decides; an extended vocabulary,
     # which plan does not resolve, takes the tensor path)
-    if _overrides(method, "merge_unit") and not getattr(method, "merges_by_module", False):
+    if _takes_units(method):
         stream = STREAM_UNIT
     elif (dev.type == "cpu" and cfg.compute_dtype == torch.float32 and cfg.tokenizer_source is None
           and method.fuses_raw()

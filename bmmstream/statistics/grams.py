@@ -37,19 +37,19 @@ from bmmstream.plan.estimate import c_via_outer, datafree_flops  # the associati
 
 # dtypes whose SYRK/SYMM go through scipy's BLAS on the CPU (others: torch's blocked products)
 SCIPY_DTYPES = (torch.float32, torch.float64)
+FILL_BLOCK = 1024  # rows per step when mirroring a triangle: temporaries of FILL_BLOCK^2, never d_in^2
 
 
 def _scipy_blas(*ts: torch.Tensor) -> bool:
     """CPU tensors of one scipy dtype, and scipy's OpenBLAS threads sleep when idle (blas_env)."""
     return (all(t.device.type == "cpu" and t.dtype in SCIPY_DTYPES for t in ts) and len({t.dtype for t in ts}) == 1
             and blas_env.scipy_blas_fits())
-FILL_BLOCK = 1024  # rows per step when mirroring a triangle: temporaries of FILL_BLOCK^2, never d_in^2
 
 
 def _blas_threads():
     """Limit scipy's BLAS to torch's thread count (the user's --threads) for the duration."""
     ctl = _blas_controller()
-    if ctl is None:  # pragma: no cover - threadpoolctl ships with scipy's usual installs
+    if ctl is None:  # pragma: no cover - threadpoolctl older than 3 (a declared dependency)
         import contextlib
 
         return contextlib.nullcontext()
