@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
 from bmmstream.search import metrics as ev
 
@@ -104,6 +105,37 @@ def test_choice_logprobs_equal_manual_sum(llama, tok):
         expected = [_manual_logprob(llama, tok, row["prompt"], c) for c in row["choices"]]
         assert s == pytest.approx(expected, rel=1e-6, abs=1e-6)
         assert all(v < 0 for v in s)
+
+
+def _tiny_lm(family: str, attn: str) -> torch.nn.Module:
+    torch.manual_seed(3)
+    common = dict(vocab_size=len(WORDS), attn_implementation=attn)
+    if family == "gpt2":
+        cfg = GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **common)
+        return GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, **common)
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    return cls[1](cls[0](**kw)).to(torch.float64).eval()
+
+
+# prompts of different lengths; rows with one-token and longer choices, different numbers of choices,
+# and the longer choices at different indices: the batched forwards must equal one forward per choice
+MIXED_ROWS = DEC_ROWS + [
+    {"prompt": "the film was very very bad", "choices": ["no", "yes"], "answer": 0},
+    {"prompt": "dog", "choices": ["maybe", "red mat", "a big red dog", "cat"], "answer": 2},
+    {"prompt": "the cat ran on a big red mat", "choices": ["good film", "bad"], "answer": 1},
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_batched_choice_logprobs_equal_one_forward_per_choice(tok, family, attn):
+    model = _tiny_lm(family, attn)
+    scores = ev.choice_logprobs(model, tok, [r["prompt"] for r in MIXED_ROWS], [r["choices"] for r in MIXED_ROWS])
+    for row, s in zip(MIXED_ROWS, scores):
+        expected = [_manual_logprob(model, tok, row["prompt"], c) for c in row["choices"]]
+        assert s == pytest.approx(expected, rel=1e-9, abs=1e-9), (family, attn, row)
 
 
 def test_label_likelihood_accuracy_matches_manual_argmax(llama, tok):

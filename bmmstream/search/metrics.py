@@ -14,6 +14,7 @@ easily as a folder on disk.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -129,15 +130,29 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _cache_of(res: Any) -> Any:
+    """The KV cache a forward returned (`cache` from transformers 5.x, `past_key_values` before)."""
+    return res["cache"] if "cache" in res else res.past_key_values
+
+
 @torch.no_grad()
 def choice_logprobs(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], choices: Sequence[Sequence[str]]
 ) -> list[list[float]]:
     """Summed log-probability of each choice's tokens after its prompt, for a batch of prompts.
 
-    Rows whose choices are all one token share one right-padded forward (causal attention: padding
-    after a prompt cannot change its logits). A row with a longer choice gets its own prompt forward
-    with a KV cache, and each longer choice only a forward over its own remaining tokens.
+    One right-padded forward over the batch's prompts (causal attention: padding after a prompt
+    cannot change its logits; logits only at each prompt's last position where the model allows it)
+    gives every choice's first token. When some choice is longer, that forward keeps its KV cache,
+    and the j-th choices of all rows continue from a copy of it in one batched forward over their
+    remaining tokens (the padded prompt slots masked out, positions counted from each prompt's end).
     """
     device = _device(model)
     prompt_ids = [_ids(tokenizer, p) for p in prompts]
@@ -148,39 +163,54 @@ def choice_logprobs(
         for c, ids_c in zip(row, ids_row):
             if not ids_c:
                 raise ValueError(f"choice_logprobs: choice {c!r} tokenizes to nothing")
-
-    out: list[list[float] | None] = [None] * len(prompts)
-    short = [i for i in range(len(prompts)) if all(len(c) == 1 for c in choice_ids[i])]
-    if short:
-        width = max(len(prompt_ids[i]) for i in short)
-        ids = torch.zeros(len(short), width, dtype=torch.long)
-        mask = torch.zeros(len(short), width, dtype=torch.long)
-        for k, i in enumerate(short):
-            ids[k, : len(prompt_ids[i])] = torch.tensor(prompt_ids[i])
-            mask[k, : len(prompt_ids[i])] = 1
-        logits = _wide(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
-        last = torch.tensor([len(prompt_ids[i]) - 1 for i in short], device=device)
-        first_lp = torch.log_softmax(logits[torch.arange(len(short), device=device), last], dim=-1)
-        for k, i in enumerate(short):
-            out[i] = [float(first_lp[k, c[0]]) for c in choice_ids[i]]
-
-    for i in range(len(prompts)):
-        if out[i] is not None:
+    n = len(prompts)
+    if n == 0:
+        return []
+    lens = [len(p) for p in prompt_ids]
+    ids = torch.zeros(n, max(lens), dtype=torch.long)
+    mask = torch.zeros(n, max(lens), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, : len(p)] = torch.tensor(p)
+        mask[i, : len(p)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    longer = any(len(c) > 1 for row in choice_ids for c in row)
+    last = [n_i - 1 for n_i in lens]
+    params = _forward_params(model)
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    kw: dict[str, Any] = {}
+    col = last
+    # the LM head over every prompt position costs as much as the rest of a small model's forward, and
+    # only each prompt's last position is read: logits there only, where the model takes positions
+    if "logits_to_keep" in params:
+        keep = sorted(set(last))
+        kw["logits_to_keep"] = torch.tensor(keep, device=device)
+        col = [keep.index(t) for t in last]
+    res = model(input_ids=ids, attention_mask=mask, use_cache=longer, **kw)
+    first_lp = torch.log_softmax(_wide(res.logits[torch.arange(n, device=device), torch.tensor(col, device=device)]),
+                                 dim=-1)
+    out = [[float(first_lp[i, c[0]]) for c in choice_ids[i]] for i in range(n)]
+    if not longer:
+        return out
+    for j in range(max(len(row) for row in choice_ids)):
+        rows = [i for i in range(n) if j < len(choice_ids[i]) and len(choice_ids[i][j]) > 1]
+        if not rows:
             continue
-        res = model(input_ids=torch.tensor([prompt_ids[i]], device=device), use_cache=True)
-        first_lp = torch.log_softmax(_wide(res.logits[0, -1]), dim=-1)
-        scores = []
-        for c in choice_ids[i]:
-            score = float(first_lp[c[0]])
-            if len(c) > 1:
-                # tokens c[1:] are predicted from positions holding c[:-1], after the cached prompt
-                cont = model(input_ids=torch.tensor([c[:-1]], device=device),
-                             past_key_values=copy.deepcopy(res.past_key_values), use_cache=True)
-                lp = torch.log_softmax(_wide(cont.logits[0]), dim=-1)
-                score += float(lp[torch.arange(len(c) - 1, device=device), torch.tensor(c[1:], device=device)].sum())
-            scores.append(score)
-        out[i] = scores
-    return out  # type: ignore[return-value]
+        # tokens c[1:] are predicted from positions holding c[:-1], after each row's cached prompt
+        width = max(len(choice_ids[i][j]) - 1 for i in rows)
+        cont = torch.zeros(n, width, dtype=torch.long)
+        cmask = torch.zeros(n, width, dtype=torch.long)
+        for i in rows:
+            c = choice_ids[i][j][:-1]
+            cont[i, : len(c)] = torch.tensor(c)
+            cmask[i, : len(c)] = 1
+        pos = torch.tensor(lens)[:, None] + torch.arange(width)[None, :]
+        r = model(input_ids=cont.to(device), attention_mask=torch.cat([mask, cmask.to(device)], dim=1),
+                  position_ids=pos.to(device), use_cache=True, **{cache_kw: copy.deepcopy(_cache_of(res))})
+        for i in rows:
+            c = choice_ids[i][j]
+            lp = torch.log_softmax(_wide(r.logits[i, : len(c) - 1]), dim=-1)
+            out[i][j] += float(lp[torch.arange(len(c) - 1, device=device), torch.tensor(c[1:], device=device)].sum())
+    return out
 
 
 def _answer_index(row: dict) -> int:
