@@ -5,7 +5,7 @@ then runs, alternating within each group (A B A B, medians of --reps): a warm re
 file (`cat` to /dev/null after a first read; `--cold` evicts them first with posix_fadvise), bmm
 (`python -m bmmstream merge` in a subprocess, default threads and `--threads 1` when the CLI has it)
 and mergekit (`mergekit-yaml` from its own venv, bench/out/mergekit-venv, default and `-j 1`) for
-task arithmetic and TIES, and data-free BMM. Each run's wall time and private peak memory (RssAnon
+task arithmetic and TIES, and data-free BMM; task arithmetic also in process (the second `api.merge` call of one process: a pipeline's cost once imports and numba's kernels are loaded); `--only plan` runs the methods whose `bmm plan` memory is modelled from code (per-tensor TIES, DARE, Breadcrumbs, DELLA, TSV) once each. Each run's wall time and private peak memory (RssAnon
 of the process tree sampled every 50 ms: mapped input pages are page cache, not private) are
 measured; outputs of matching methods are compared within bf16 rounding (one bf16 ulp of the
 larger magnitude plus float32 noise of the summands, see compare) with a negative control that must
@@ -18,6 +18,7 @@ ensure_mergekit (pip install torch==<this torch> mergekit) on first use.
     nice -n 5 python bench/perf_vs_mergekit.py --sizes tiny --reps 1          # smoke run, ~20M params
     nice -n 5 python bench/perf_vs_mergekit.py --sizes 0.35B --reps 3 --json bench/out/perf/035.json
     nice -n 5 python bench/perf_vs_mergekit.py --sizes 0.35B,1.26B --only ta,ties --cold
+    python bench/perf_vs_mergekit.py --sizes 0.35B --only plan --reps 1   # `bmm plan` vs measured, more methods
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ SIZES = {
 # experts = base + rank-8 random deltas (entry RMS 0.005 against init std 0.02) + dense noise half that
 DELTA = dict(rank=8, noise=0.5, delta_scale=0.005, seed=17)
 SCALE, DENSITY, RHO = 0.3, 0.2, 0.01
-GROUPS = ("ta", "ties", "bmm")
+GROUPS = ("ta", "ties", "bmm", "plan")
 SAMPLE_S = 0.05
 CHUNK = 1 << 22  # entries per float64 temporary in the output check
 
@@ -236,6 +237,7 @@ def jobs_for(group: str, base: Path, experts: list[Path], bmm_threads: bool, mk_
             jobs.append(Job("bmm_ta_t1", "bmm task_arithmetic, --threads 1", "bmm", b, t1))
         if mk_j:
             jobs.append(Job("mk_ta_j1", "mergekit task_arithmetic, -j 1", "mergekit", m, ["-j", "1"]))
+        jobs.append(Job("bmm_ta_inproc", "bmm task_arithmetic, in process: 2nd api.merge call", "bmm_inproc", b))
         return jobs
     if group == "ties":
         tp = {"density": DENSITY, "scale": 1.0}
@@ -257,6 +259,15 @@ def jobs_for(group: str, base: Path, experts: list[Path], bmm_threads: bool, mk_
                     bmm_cfg(base, experts, "bmm", dict(p, statistics_dtype="compute"))),
                 Job("bmm_bmm_f64", "bmm data-free BMM, statistics_dtype float64", "bmm",
                     bmm_cfg(base, experts, "bmm", dict(p, statistics_dtype="float64")))]
+    if group == "plan":  # one run of each method whose memory `bmm plan` models from code, not measurement
+        tp = {"density": DENSITY, "scale": 1.0}
+        return [Job("plan_ties_pt", "bmm ties per_tensor threshold", "bmm",
+                    bmm_cfg(base, experts, "ties", dict(tp, threshold="per_tensor"))),
+                Job("plan_dare_ties", "bmm dare_ties", "bmm", bmm_cfg(base, experts, "dare_ties", dict(tp))),
+                Job("plan_breadcrumbs_ties", "bmm breadcrumbs_ties", "bmm",
+                    bmm_cfg(base, experts, "breadcrumbs_ties", dict(tp, gamma=0.01))),
+                Job("plan_della", "bmm della", "bmm", bmm_cfg(base, experts, "della", dict(tp, epsilon=0.1))),
+                Job("plan_tsv", "bmm tsv", "bmm", bmm_cfg(base, experts, "tsv", {"alpha": 1.0}))]
     raise SystemExit(f"--only: unknown group {group!r}; choose from {GROUPS}")
 
 
@@ -273,21 +284,44 @@ def run_job(job: Job, work: Path, rep: int, keep: bool) -> Run:
     shutil.rmtree(d, ignore_errors=True)  # a fresh run: bmm would resume an existing run directory
     d.mkdir(parents=True)
     (d / "config.yml").write_text(yaml.safe_dump(job.cfg, sort_keys=False))
-    if job.tool == "bmm":
+    if job.tool == "bmm_inproc":
+        cmd = [sys.executable, "-c", INPROC, str(d / "config.yml"), str(d)]
+    elif job.tool == "bmm":
         cmd = [sys.executable, "-m", "bmmstream", "merge", str(d / "config.yml"), "--out", str(d / "out"),
                "--run-dir", str(d / "run"), "--device", "cpu", "--no-progress", *job.args]
     else:
         cmd = [str(VENV / "bin" / "mergekit-yaml"), str(d / "config.yml"), str(d / "out"), "--quiet", *job.args]
-    r = measure(job.name, cmd, child_env(job.tool), work / "logs" / f"{job.name}.rep{rep}.log")
+    r = measure(job.name, cmd, child_env("bmm" if job.tool == "bmm_inproc" else job.tool),
+                work / "logs" / f"{job.name}.rep{rep}.log")
     if r.rc != 0:
         tail = Path(r.log).read_text(errors="replace")[-2000:]
         raise SystemExit(f"{job.name} failed (rc {r.rc}): {shlex.join(cmd)}\n{tail}")
     if job.tool == "bmm":
         r.execute_s = json.loads((d / "run" / "manifest.json").read_text()).get("execute_seconds")
-    shutil.rmtree(d / "run", ignore_errors=True)  # BMM statistics stores: disk
+    elif job.tool == "bmm_inproc":
+        r.execute_s = json.loads((d / "inproc.json").read_text())["second_s"]
+    for run in ("run", "run1", "run2"):
+        shutil.rmtree(d / run, ignore_errors=True)  # BMM statistics stores: disk
+    shutil.rmtree(d / "out1", ignore_errors=True)
     if not keep:
         shutil.rmtree(d / "out", ignore_errors=True)
     return r
+
+
+# A library user's merge (a pipeline or a search that merges more than once): the first api.merge call
+# pays the one-time costs (numba loading its cached kernels, first touches); the second is timed.
+INPROC = """
+import json, sys, time
+from pathlib import Path
+from bmmstream import api
+cfg, d = sys.argv[1], Path(sys.argv[2])
+t = []
+for k in (1, 2):
+    t0 = time.perf_counter()
+    api.merge(cfg, out=d / f"out{k}", run_dir=d / f"run{k}", device="cpu", progress=False)
+    t.append(time.perf_counter() - t0)
+(d / "inproc.json").write_text(json.dumps({"first_s": t[0], "second_s": t[1]}))
+"""
 
 
 def cli_has(cmd: list[str], flag: str, env: dict) -> bool:
@@ -402,11 +436,14 @@ def run_size(size: str, args, bmm_threads: bool, mk_j: bool) -> dict:
             runs["read"].append(read_all(files, work / "logs" / "read.log"))
             runs["read"][-1].cached = cached
             for job in jobs:
+                os.sync()  # the run before (mergekit does not fsync) may leave GBs to write back: not ours to pay
+                cached = cached_fraction(files)  # a run after a big one may find inputs evicted: not warm
                 r = run_job(job, work, rep, keep=(args.keep or job.name in keep) and rep == args.reps - 1)
+                r.cached = cached
                 runs.setdefault(job.name, []).append(r)
                 print(f"  [{g} rep {rep + 1}/{args.reps}] {job.label:55s} {r.wall_s:8.2f} s  "
-                      f"private peak {r.peak_anon_mib:8.1f} MiB  cpu {r.cpu_s:7.1f} s  load {r.load_before:.1f}",
-                      flush=True)
+                      f"private peak {r.peak_anon_mib:8.1f} MiB  cpu {r.cpu_s:7.1f} s  load {r.load_before:.1f}"
+                      + (f"  inputs cached {cached:.0%}" if cached is not None else ""), flush=True)
     fr = [r.cached for r in runs["read"] if r.cached is not None]
     warm = f"read all inputs, warm ({min(fr):.0%}-{max(fr):.0%} cached)" if fr else "read all inputs, warm"
     labels = {j.name: j.label for jobs in jobs_by_group.values() for j in jobs} | {"read": warm}
@@ -423,10 +460,9 @@ def run_size(size: str, args, bmm_threads: bool, mk_j: bool) -> dict:
                                ("control (must differ): bmm ties global vs mergekit ties", "bmm_ties", "mk_ties")):
         if ours in runs and theirs in runs:
             res["checks"][name] = compare(work / ours / "out", work / theirs / "out", [base, *experts])
-    for name in ("bmm_ta", "bmm_ties", "bmm_bmm_c", "bmm_bmm_f64"):
-        if name in runs:
-            job = next(j for js in jobs_by_group.values() for j in js if j.name == name)
-            res["runs"][name]["plan"] = bmm_plan(job.cfg, work / "plan" / f"{name}.yml")
+    for job in (j for js in jobs_by_group.values() for j in js):
+        if job.tool == "bmm" and job.name in runs:
+            res["runs"][job.name]["plan"] = bmm_plan(job.cfg, work / "plan" / f"{job.name}.yml")
     for d in keep if not args.keep else ():
         shutil.rmtree(work / d / "out", ignore_errors=True)
     return res
@@ -469,6 +505,8 @@ def report(res: dict, peak: dict) -> list[str]:
     line("  bmm's own execute wall (manifest; no start-up/imports), default / warm read", ratio(x("bmm_ta"), w("read")), 3)
     line("  bmm's own execute wall (manifest; no start-up/imports), --threads 1 / warm read",
          ratio(x("bmm_ta_t1"), w("read")), 3)
+    line("  bmm in process, 2nd api.merge call (imports and numba kernels loaded) / warm read",
+         ratio(x("bmm_ta_inproc"), w("read")), 3)
     line("  (contention check: TA cpu time (bmm default) / read cpu time)", ratio(c("bmm_ta"), c("read")), None)
     line("TA wall (bmm default) / mergekit best TA", ratio(w("bmm_ta"), mk_ta), 0.5)
     line("TA wall (bmm --threads 1) / mergekit best TA", ratio(w("bmm_ta_t1"), mk_ta), 0.5)
@@ -488,12 +526,15 @@ def report(res: dict, peak: dict) -> list[str]:
                          f"solve stages, whose own wall bmm does not report yet: this is a lower bound)")
     lines.append(f"  (a python process with bmmstream and torch imported holds {res['bmm_imports_anon_mib']:.0f} MiB "
                  f"private before merging, after {res['bmm_imports_s']:.1f} s of start-up included in every bmm wall)")
-    for n in ("bmm_ta", "bmm_ties", "bmm_bmm_c", "bmm_bmm_f64"):
-        plan = R.get(n, {}).get("plan")
+    for n in R:
+        plan = R[n].get("plan")
         if plan:
+            ram, t = plan["peak_ram_bytes"] / 2**20 / R[n]["peak_anon_mib"], plan["seconds"] / R[n]["wall_s"]
+            ok = ("PASS" if abs(ram - 1) <= 0.2 else "FAIL") + " (RAM within 20%), " + (
+                "PASS" if 0.5 <= t <= 2 else "FAIL") + " (time within 2x)"
             lines.append(f"  bmm plan vs measured, {n}: RAM {plan['peak_ram_bytes'] / 2**20:.0f} MiB predicted / "
-                         f"{R[n]['peak_anon_mib']:.0f} MiB private ({R[n]['maxrss_mib']:.0f} MiB max RSS); "
-                         f"time {plan['seconds']:.1f} s predicted / {R[n]['wall_s']:.1f} s")
+                         f"{R[n]['peak_anon_mib']:.0f} MiB private = {ram:.2f}x ({R[n]['maxrss_mib']:.0f} MiB max "
+                         f"RSS); time {plan['seconds']:.1f} s predicted / {R[n]['wall_s']:.1f} s = {t:.2f}x  {ok}")
     lines.append("\noutput checks (|a - b| <= one bf16 ulp of max(|a|, |b|) + 2^-16 (|base| + sum |expert|)):")
     for name, c in res["checks"].items():
         control = name.startswith("control")
