@@ -745,4 +745,5 @@ def plan_report(config: dict | str | Path | MergeConfig, device: str = "auto") -
         raw_scratch_bytes=method.raw_scratch_bytes(len(cfg.models)),
         working_copies=method.working_copies(len(cfg.models)),
         extra_bytes={m.name: method.extra_bytes(tuple(m.matrix_shape), m.kind, len(cfg.models)) for m in plan.modules},
+        work={m.name: method.compute_work(tuple(m.matrix_shape), m.kind, len(cfg.models)) for m in plan.modules},
     )

@@ -1,6 +1,8 @@
 """`bmm plan`'s statistics size equals what a run that keeps its statistics actually stores."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -135,3 +137,46 @@ def test_plan_memory_follows_how_the_method_streams(tiny_llama_suite):
     rm = get_method("regmean")
     assert rm.extra_bytes((6, 8), "linear", 3) == 9 * 64 * 4 and rm.extra_bytes((8,), "vector", 3) == 0
     assert get_method("dare_ties").working_copies(4) > get_method("dare_linear").working_copies(4) > 2
+
+
+def test_plan_times_the_work_each_method_declares(tiny_llama_suite):
+    """`bmm plan`'s seconds: reads + BMM FLOPs + each kind of method work over its measured rate.
+    Rates are injected here (no timing in tests); bench/perf_vs_mergekit.py --only plan checks the
+    measured ones against real runs."""
+    from bmmstream.methods.registry import get_method
+    from bmmstream.plan.estimate import READ_BANDWIDTH, estimate_report, sort_work, svd_flops
+    from bmmstream.plan.layout import build_plan
+
+    T = 4
+    ties_pt = get_method("ties", {"threshold": "per_tensor"})
+    assert ties_pt.compute_work((6, 8), "linear", T) == {"sort_unstable": T * 48 * math.log2(48)}
+    assert get_method("ties").compute_work((6, 8), "linear", T) == {}  # global: histograms, no sort
+    assert get_method("task_arithmetic").compute_work((6, 8), "linear", T) == {}
+    assert get_method("dare_ties").compute_work((6, 8), "linear", T) == {"random": T * 48.0}
+    assert get_method("della").compute_work((6, 8), "linear", T) == {"sort": T * 48 * math.log2(8), "random": T * 48.0}
+    assert get_method("breadcrumbs_ties").compute_work((6, 8), "linear", T) == {"sort": T * sort_work(48, 48)}
+    assert get_method("tsv").compute_work((6, 8), "linear", T) == {"svd": (T + 2) * svd_flops(6, 8)}
+    assert get_method("tsv").compute_work((8,), "vector", T) == {}
+    assert get_method("iso_c").compute_work((6, 8), "linear", T) == {"svd": svd_flops(6, 8)}
+    assert get_method("iso_cts").compute_work((6, 8), "linear", T) == {"svd": (3 + T) * svd_flops(8, 6)}
+    assert svd_flops(6, 8) == 4 * 8 * 36 + 8 * 216
+
+    from bmmstream.sources.local import LocalSource
+
+    src = LocalSource(tiny_llama_suite.base)
+    infos = src.tensor_infos()
+    plan = build_plan(src.config(), infos)
+    n_all = sum(i.numel for i in infos.values())
+    rates = {"task_vectors": 1e6, "sort_unstable": 2e6, "random": 3e6, "svd": 4e9}
+    common = dict(experts=T, compute_bytes=4, statistics_bytes=4, method_description={}, statistics="data_free",
+                  needs_prepass=False, out_bytes=0, calibration_tokens=None, keep_statistics=False,
+                  device=torch.device("cpu"), rates=rates)
+    reads = (T + 1) * sum(i.nbytes for i in infos.values()) / READ_BANDWIDTH
+    work = {m.name: ties_pt.compute_work(tuple(m.matrix_shape), m.kind, T) for m in plan.modules}
+    est = estimate_report(plan, infos, method="ties", stream="tensor", work=work, **common)["estimate"]
+    sort_total = sum(w["sort_unstable"] for w in work.values())
+    assert est["method_work"] == {"sort_unstable": sort_total, "task_vectors": float(T * n_all)}
+    assert est["seconds"] == pytest.approx(reads + sort_total / 2e6 + T * n_all / 1e6, rel=1e-12)
+    # the fused path reads and writes only: no task vectors, no work
+    fused = estimate_report(plan, infos, method="task_arithmetic", stream="fused", work={}, **common)["estimate"]
+    assert fused["method_work"] == {} and fused["seconds"] == pytest.approx(reads, rel=1e-12)

@@ -26,6 +26,7 @@ import torch
 
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.plan.estimate import numel_of, sort_work
 from bmmstream.methods.ties import combine_sparse
 
 COMBINES = ("task_arithmetic", "ties")
@@ -95,6 +96,10 @@ class Breadcrumbs(MergeMethod):
             mask = breadcrumbs_mask(inp.deltas[t], dens[t], gam[t])
             out[t] = torch.where(mask, inp.deltas[t], torch.zeros_like(inp.deltas[t]))
         return out
+
+    def compute_work(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> dict[str, float]:
+        n = numel_of(matrix_shape)
+        return {"sort": tasks * sort_work(n, n)}  # breadcrumbs_mask: one sort per task
 
     def working_copies(self, tasks: int) -> float:
         # counted from the code, not measured: the T masked task vectors, one task's sort (int64

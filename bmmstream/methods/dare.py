@@ -37,6 +37,7 @@ import torch
 
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.plan.estimate import numel_of
 from bmmstream.methods.ties import combine_sparse
 
 COMBINES = ("task_arithmetic", "ties")
@@ -106,6 +107,9 @@ class Dare(MergeMethod):
             self.params["normalize"] = self.params["combine"] == "ties"
         self.scale, self.normalize = self.finite("scale"), self.flag("normalize")
         self.flag("rescale")
+
+    def compute_work(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> dict[str, float]:
+        return {"random": float(tasks * numel_of(matrix_shape))}  # dare_sparsify: one draw per element
 
     def working_copies(self, tasks: int) -> float:
         # counted from the code, not measured: the T rescaled sparse task vectors, their masks, the

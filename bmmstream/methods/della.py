@@ -32,6 +32,7 @@ import torch
 from bmmstream.errors import BmmError
 from bmmstream.methods.dare import mask_key
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.plan.estimate import numel_of, sort_work
 from bmmstream.methods.ties import combine_sparse
 
 RESCALES = ("probability", "l1", "none")
@@ -122,6 +123,11 @@ class Della(MergeMethod):
         for t in range(count):
             out[t] = magprune(inp.deltas[t], inp.spec.name, self.seed, t, dens[t], eps[t], self.params["rescale"])
         return out
+
+    def compute_work(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> dict[str, float]:
+        n = numel_of(matrix_shape)
+        row = int(matrix_shape[-1]) if matrix_shape else 1
+        return {"sort": tasks * sort_work(n, row), "random": float(tasks * n)}  # magprune: ranks in rows, draws
 
     def working_copies(self, tasks: int) -> float:
         # counted from the code, not measured: the T sparsified task vectors, one task's argsort

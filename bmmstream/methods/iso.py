@@ -24,6 +24,7 @@ import torch
 
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.plan.estimate import svd_flops
 from bmmstream.methods.tsv import merge_batched, polar, svd, svd_dtype
 
 
@@ -74,6 +75,14 @@ class _IsoBase(MergeMethod):
     def _merge_2d(self, deltas: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    svds = 1  # SVDs per linear tensor, besides T more where the method takes each task's own (svds_per_task)
+    svds_per_task = 0
+
+    def compute_work(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> dict[str, float]:
+        if kind != "linear" or len(matrix_shape) != 2:
+            return {}
+        return {"svd": (self.svds + self.svds_per_task * tasks) * svd_flops(*matrix_shape)}
+
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         return self.merge_unit([inp])[inp.spec.name]
 
@@ -95,6 +104,7 @@ class IsoC(_IsoBase):
 class IsoCTS(_IsoBase):
     name = "iso_cts"
     defaults = {"scale": 1.0, "common_space_fraction": 0.8}
+    svds, svds_per_task = 3, 1  # the sum's, T residuals', two polar factors
 
     def __init__(self, params: dict | None = None, *, seed: int = 0, models=None):
         super().__init__(params, seed=seed, models=models)

@@ -235,6 +235,13 @@ class MergeMethod:
         e.g. RegMean's input Grams."""
         return 0
 
+    def compute_work(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> dict[str, float]:
+        """Work `merge` does for one tensor beyond reading it and building its task vectors, by kind
+        (`bmm plan`'s time estimate; plan/estimate.py times each kind at a rate it measures): "sort" /
+        "sort_unstable" n log2 n per stable / unstable sort of n elements (estimate.sort_work), "random"
+        uniform draws, "svd" FLOPs (estimate.svd_flops)."""
+        return {}
+
     def working_copies(self, tasks: int) -> float:
         """Compute-dtype copies of one tensor `merge` holds beyond its base and task vectors (`bmm
         plan`'s memory estimate): by default the merged value and the weight built from it."""

@@ -48,6 +48,7 @@ from bmmstream.methods import magnitude_histogram as kernels
 from bmmstream.methods import ties_kernels as fused
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, RawModule, register, weighted_combination
+from bmmstream.plan.estimate import numel_of, sort_work
 
 THRESHOLDS = ("global", "per_tensor")
 
@@ -284,6 +285,12 @@ class Ties(MergeMethod):
         # merge_raw's float32 signs where the majority sign is decided over the whole tensor (a stored
         # (d_in, d_out) tensor, GPT-2's Conv1D, needs a transposed copy of them too: 8)
         return 4
+
+    def compute_work(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> dict[str, float]:
+        if self.params["threshold"] != "per_tensor":
+            return {}
+        n = numel_of(matrix_shape)
+        return {"sort_unstable": tasks * sort_work(n, n)}  # topk_mask_per_tensor: one argsort per task
 
     def working_copies(self, tasks: int) -> float:
         # the trimmed task vectors, the mask, the signs and the sums beside them: T + 4 measured on

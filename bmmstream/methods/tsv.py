@@ -25,6 +25,7 @@ import torch
 
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
+from bmmstream.plan.estimate import svd_flops
 
 # Cap on the elements stacked into one batched SVD call (B * T * m * n): bounds the extra memory.
 BATCH_ELEMENTS = 1 << 27
@@ -117,6 +118,11 @@ class TSV(MergeMethod):
 
     def _other(self, inp: ModuleInput) -> torch.Tensor:
         return float(self.params["scale"]) * inp.deltas.mean(0)
+
+    def compute_work(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> dict[str, float]:
+        if kind != "linear" or len(matrix_shape) != 2:
+            return {}
+        return {"svd": (tasks + 2) * svd_flops(*matrix_shape)}  # tsv_merge: T SVDs and two polar factors
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         return self.merge_unit([inp])[inp.spec.name]

@@ -7,6 +7,7 @@ Grams add one forward of each expert over its calibration data, counted at its u
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 
@@ -45,6 +46,76 @@ def measure_flops(device: torch.device, n: int = 2048, dtype: torch.dtype = torc
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
         reps += 1
     return best
+
+
+def numel_of(shape: tuple[int, ...]) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+def sort_work(elements: int, length: int) -> float:
+    """compute_work's "sort" count: `elements` sorted in runs of `length` (n log2 of the run)."""
+    return float(elements) * math.log2(max(2, length))
+
+
+def svd_flops(m: int, n: int) -> float:
+    """FLOPs of a thin SVD with both factors, 4 M N^2 + 8 N^3 (M >= N; LAPACK's gesdd, roughly)."""
+    big, small = max(m, n), min(m, n)
+    return 4.0 * big * small * small + 8.0 * small**3
+
+
+WORK_KINDS = ("task_vectors", "sort", "sort_unstable", "random", "svd")
+
+
+def measure_rates(device: torch.device, kinds: set[str]) -> dict[str, float]:
+    """Work per second for each kind of method work (MergeMethod.compute_work), each from short runs
+    of that very operation at sizes like a merge's (about 1 s in all, only for the kinds a method
+    does): a merge's selection, draws and SVDs cost 10-100x its reads (bench/perf_vs_mergekit.py
+    --only plan), so a time estimate without them is no estimate. "task_vectors": float32 task
+    vectors built from bf16 weights (the general path)."""
+    import numpy as np
+
+    def best(fn, work: float, reps: int) -> float:
+        return work / max(min(_timed(fn) for _ in range(reps)), 1e-9)
+
+    n = 1 << 22
+    rates = {}
+    if "task_vectors" in kinds:
+        b = torch.randn(n, device=device).to(torch.bfloat16)
+        e = torch.randn(n, device=device).to(torch.bfloat16)
+        rates["task_vectors"] = best(lambda: _sync(e.float() - b.float()), n, 3)
+    if "sort" in kinds:
+        x = torch.randn(n, device=device)
+        rates["sort"] = best(lambda: _sync(torch.sort(x.abs(), stable=True).indices), sort_work(n, n), 2)
+    if "sort_unstable" in kinds:  # 1.45x faster than the stable one here
+        x = torch.randn(n, device=device)
+        rates["sort_unstable"] = best(lambda: _sync(torch.argsort(x.abs(), descending=True)), sort_work(n, n), 2)
+    if "random" in kinds:  # DARE's and DELLA's masks: numpy Philox draws on the CPU, kept entries rescaled
+        x = torch.randn(n)
+
+        def draw() -> torch.Tensor:
+            u = np.random.Generator(np.random.Philox(key=1)).random(n, dtype=np.float32)
+            return torch.where(torch.from_numpy(u < np.float32(0.5)), x / 0.5, torch.zeros((), dtype=x.dtype))
+
+        rates["random"] = best(draw, n, 2)
+    if "svd" in kinds:
+        a = torch.randn(1024, 2048, device=device)
+        rates["svd"] = best(lambda: _sync(torch.linalg.svd(a, full_matrices=False)[0]), svd_flops(1024, 2048), 2)
+    return rates
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _sync(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+    return t
 
 
 def module_flops(d_out: int, d_in: int, T: int, method: str, statistics: str = "data_free") -> float:
@@ -152,6 +223,8 @@ def estimate_report(
     raw_scratch_bytes: int = 0,
     working_copies: float = 2.0,
     extra_bytes: dict[str, int] | None = None,
+    work: dict[str, dict[str, float]] | None = None,
+    rates: dict[str, float] | None = None,
 ) -> dict:
     """The `bmm plan` report from the plan and the headers: no weight is read.
 
@@ -159,7 +232,9 @@ def estimate_report(
     method needs data-assisted Grams, else None. `module_stream`: the pipeline merges BMM one module
     at a time (BMM declares merges_by_module, pipeline._merge_stream honours it; see bmm_unit_bytes). BMM's FLOPs are timed at the statistics dtype's matmul rate.
     `stream`, `out_element_bytes` and `extra_bytes` (per tensor name), `raw_scratch_bytes` and
-    `working_copies`: how any other method merges (stream_unit_bytes)."""
+    `working_copies`: how any other method merges (stream_unit_bytes). `work`: per tensor name, the
+    method's compute_work; the general path's task vectors are added here; timed at `rates` (work per
+    second by kind; measured by measure_rates when None)."""
     T = experts
     cb, sb = compute_bytes, statistics_bytes
     # calibration Grams: float64 with BMM's float64 statistics (statistics/data_assisted.gram_dtype)
@@ -199,6 +274,15 @@ def estimate_report(
         gram_disk = T * sum(d * d for d in sites.values()) * (gb or 4)  # one Gram per expert and input site
         read_bytes += T * in_bytes
     fps = measure_flops(device, dtype=torch.float64 if method == "bmm" and sb == 8 else torch.float32)
+    totals = dict.fromkeys(WORK_KINDS, 0.0)
+    for name, w in (work or {}).items():
+        for kind, amount in w.items():
+            totals[kind] += amount
+    if method != "bmm" and stream != STREAM_FUSED:  # the general path builds T float32 task vectors per tensor
+        totals["task_vectors"] += float(T * sum(i.numel for i in infos.values()))
+    needed = {k for k, v in totals.items() if v > 0}
+    rates = dict(rates) if rates is not None else measure_rates(device, needed)
+    work_seconds = {k: totals[k] / rates[k] for k in sorted(needed)}
     return {
         "family": plan.family,
         "layers": plan.num_layers,
@@ -225,7 +309,10 @@ def estimate_report(
             "calibration_flops": float(calib_flops),
             "measured_flops_per_s": fps,
             "assumed_read_bytes_per_s": READ_BANDWIDTH,
-            "seconds": (flops + calib_flops) / fps + read_bytes / READ_BANDWIDTH,
+            "method_work": {k: totals[k] for k in sorted(needed)},
+            "measured_work_per_s": {k: rates[k] for k in sorted(needed)},
+            "method_work_seconds": work_seconds,
+            "seconds": (flops + calib_flops) / fps + read_bytes / READ_BANDWIDTH + sum(work_seconds.values()),
         },
     }
 
