@@ -196,6 +196,9 @@ def plan(config: Path = typer.Argument(...), device: str = DeviceOpt, as_json: b
         f"time: ~{est['seconds']:.3g} s on {est['device']} "
         f"(measured {est['measured_flops_per_s'] / 1e9:.1f} GFLOP/s, assumed reads {est['assumed_read_bytes_per_s'] / 1e9:.1f} GB/s)"
     )
+    if est.get("method_work_seconds"):
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.3g} s" for k, v in est["method_work_seconds"].items())
+        typer.echo(f"  of which the method's own work (rates measured now): {parts}")
     if "search" in rep:
         se = rep["search"]
         dev = _human(se["peak_device_bytes"]) if se.get("peak_device_bytes") else "-"

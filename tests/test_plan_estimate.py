@@ -180,3 +180,24 @@ def test_plan_times_the_work_each_method_declares(tiny_llama_suite):
     # the fused path reads and writes only: no task vectors, no work
     fused = estimate_report(plan, infos, method="task_arithmetic", stream="fused", work={}, **common)["estimate"]
     assert fused["method_work"] == {} and fused["seconds"] == pytest.approx(reads, rel=1e-12)
+
+
+def test_plan_command_prints_the_method_work(tiny_llama_suite, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from bmmstream.cli import app
+
+    s = tiny_llama_suite
+    cfg = {"base_model": str(s.base), "models": [{"model": str(e)} for e in s.experts], "merge_method": "della",
+           "parameters": {"density": 0.5, "epsilon": 0.1}, "dtype": "float32"}
+    path = tmp_path / "della.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["plan", str(path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if "of which the method's own work" in ln)
+    assert "random" in line and "sort" in line and "task vectors" in line
+    ta = dict(cfg, merge_method="task_arithmetic", parameters={"scale": 0.5}, out_dtype="bfloat16")
+    path.write_text(yaml.safe_dump(ta))
+    res = CliRunner().invoke(app, ["plan", str(path), "--device", "cpu"])
+    assert res.exit_code == 0 and "of which the method's own work" not in res.output  # the fused path: reads only
