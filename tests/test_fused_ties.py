@@ -394,3 +394,76 @@ def test_float64_sources_round_like_torch():
     for raw in raws:
         for out_dtype in (torch.float64, torch.bfloat16):
             assert _same_bits(raw_m.merge_raw(raw, out_dtype), _general_weight(gen, raw, out_dtype))
+
+
+@pytest.mark.parametrize("t_count", [2, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_torch_election_equals_the_whole_tensor_bit_for_bit(t_count, dtype, monkeypatch):
+    """The torch path of elect_and_mean (and the weighted sum) runs ELEMENT_CHUNK entries at a time to
+    keep its T-fold temporaries small; on slices of width a multiple of 32768 torch's sum over the
+    task axis, whose order beyond 4 tasks depends on the column, gives the whole tensor's bits."""
+    from bmmstream.methods import ties
+    from bmmstream.methods.registry import weighted_combination
+
+    monkeypatch.setattr(ties, "_fused_elect_and_mean", lambda *a: None)
+    assert ties.ELEMENT_CHUNK % 32768 == 0
+    shape = (7, 13_001)  # 91_007 entries: three chunks of 32768, the last one partial
+    x = torch.cat([_float32_tasks(t_count, t_count - t_count // 2, shape, grid=True),
+                   _float32_tasks(t_count + 1, t_count // 2, shape, grid=False)]).to(dtype)
+    x[:, 0, :50] = 0.0  # zero masses everywhere in a run: the majority rule decides there
+    whole = 1 << 40
+    for weights in (None, torch.linspace(0.3, 1.7, t_count, dtype=torch.float64), torch.full((t_count,), 0.7, dtype=dtype)):
+        for zero_sign in ("majority", "positive"):
+            for normalize in (True, False):
+                want = ties.elect_and_mean(x, zero_sign, weights, normalize, chunk=whole)
+                got = ties.elect_and_mean(x, zero_sign, weights, normalize, chunk=32768)
+                assert _same_bits(got, want), (weights, zero_sign, normalize)
+        if weights is not None:
+            for normalize in (True, False):
+                want = weighted_combination(x, weights, normalize, chunk=whole)
+                assert _same_bits(weighted_combination(x, weights, normalize, chunk=32768), want)
+    # the chunked election is the disjoint mean of its definition (dense float64 reference)
+    ref = x.to(torch.float64)
+    sign = torch.sign(ref.sum(0))
+    sign[sign == 0] = 1.0 if float(torch.sign(sign.sum())) >= 0 else -1.0
+    agree = (torch.sign(ref) == sign) & (ref != 0)
+    mean = torch.where(agree, ref, 0.0).sum(0) / agree.sum(0).clamp(min=1)
+    got = ties.elect_and_mean(x, "majority", None, True, chunk=32768).to(torch.float64)
+    assert torch.allclose(got, mean, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+
+
+def test_sparsifying_merge_memory_is_bounded_beyond_four_experts(tmp_path):
+    """DARE-TIES with 8 experts (beyond MAX_TASKS the election runs on torch): its peak for one tensor
+    stays within what it declares to `bmm plan` (T + 4.5 copies and the election's chunk scratch),
+    where the unchunked election took ~33 copies of this tensor."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from bmmstream.methods import ties
+
+    child = r"""
+import json, torch
+from bmmstream.methods import get_method
+from bmmstream.methods.registry import ModuleInput
+from bmmstream.plan.layout import ModuleSpec
+torch.set_num_threads(1)
+T, shape = 8, (1024, 2048)
+copy = 4 * shape[0] * shape[1]
+hwm = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+g = torch.Generator().manual_seed(0)
+base, deltas = torch.randn(shape, generator=g), torch.randn((T,) + shape, generator=g) * 0.01
+spec = ModuleSpec("w", shape, "linear", "other", 0, 0, 1)
+m = get_method("dare_ties", {"density": 0.3})
+m.merge(ModuleInput(ModuleSpec("v", (64, 64), "linear", "other", 0, 0, 1), base[:64, :64], deltas[:, :64, :64]))
+open("/proc/self/clear_refs", "w").write("5")  # after the kernels' first load (numba's code: ~60 MiB)
+before = hwm()
+m.merge(ModuleInput(spec, base, deltas))
+print(json.dumps([(hwm() - before) / copy, m.working_copies(T), m.extra_bytes(shape, "linear", T) / copy]))
+"""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, check=True)
+    measured, declared, scratch = json.loads(res.stdout.strip().splitlines()[-1])
+    assert declared == 8 + 4.5 and scratch == 9 * 8 * ties.ELEMENT_CHUNK / (4 * 1024 * 2048)
+    assert measured <= declared + scratch, (measured, declared, scratch)

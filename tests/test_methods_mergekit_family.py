@@ -306,6 +306,22 @@ def test_della_equals_reference(shape, method, rescale):
     np.testing.assert_allclose(_np(U), ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("rescale", ["probability", "l1", "none"])
+def test_della_magprune_in_row_chunks_equals_the_reference(rescale):
+    """MagPrune runs a few rows at a time (its ranks, probabilities and masks were ~9 full copies of
+    the tensor); any chunk gives the same bits, the float64 reference's values at every chunk."""
+    from bmmstream.methods.della import magprune
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(37, 53), (5, 4, 33), (101,)]:
+        d = torch.randn(shape, generator=g, dtype=torch.float64)
+        whole = magprune(d, NAME, 11, 2, 0.4, 0.1, rescale, chunk=1 << 40)
+        ref = della_sparsify_ref(_np(d), NAME, 11, 2, 0.4, 0.1, rescale)
+        np.testing.assert_allclose(_np(whole), ref, rtol=1e-12, atol=1e-14)
+        for chunk in (1, 53, 60, 1000):  # one entry, one row, a row and a bit, several rows
+            assert torch.equal(magprune(d, NAME, 11, 2, 0.4, 0.1, rescale, chunk=chunk), whole), (shape, chunk)
+
+
 def test_della_deterministic_keyed_and_magnitude_driven():
     base, deltas = _rand((30, 40), T=2)
     a = get_method("della", seed=4).merge(_inp(base, deltas))

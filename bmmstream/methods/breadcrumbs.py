@@ -102,9 +102,10 @@ class Breadcrumbs(MergeMethod):
         return {"sort": tasks * sort_work(n, n)}  # breadcrumbs_mask: one sort per task
 
     def working_copies(self, tasks: int) -> float:
-        # counted from the code, not measured: the T masked task vectors, one task's sort (int64
-        # indices, two copies' worth), the merged value and the weight; TIES' election two more
-        return tasks + 4.0 + (2.0 if self.combine == "ties" else 0.0)
+        # measured, bench/method_memory.py (T = 2, 4, 8, either combine): the T masked task vectors
+        # beside one task's stable sort (|U|, the sorted values, int64 indices, the mask); the
+        # election that follows needs less
+        return tasks + 5.5
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         merged = combine_sparse(self.masked(inp), self.model_weights(inp), self.normalize, self.combine == "ties")

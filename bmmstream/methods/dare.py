@@ -38,7 +38,8 @@ import torch
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
 from bmmstream.plan.estimate import numel_of
-from bmmstream.methods.ties import combine_sparse
+from bmmstream.methods.ties import combine_sparse, election_scratch_bytes
+from bmmstream.methods.ties_kernels import MAX_TASKS
 
 COMBINES = ("task_arithmetic", "ties")
 
@@ -73,8 +74,10 @@ def dare_sparsify(
             out[t] = deltas[t]
             continue
         mask = keep_mask(seed, name, t, shape, dens[t]).to(deltas.device)
-        kept = torch.where(mask, deltas[t], torch.zeros_like(deltas[t]))
-        out[t] = kept / dens[t] if rescale else kept
+        # in place in out[t]: where(mask, U_t, 0) / density without full-size temporaries
+        torch.where(mask, deltas[t], deltas.new_zeros(()), out=out[t])
+        if rescale:
+            out[t].div_(dens[t])
     return out
 
 
@@ -112,9 +115,15 @@ class Dare(MergeMethod):
         return {"random": float(tasks * numel_of(matrix_shape))}  # dare_sparsify: one draw per element
 
     def working_copies(self, tasks: int) -> float:
-        # counted from the code, not measured: the T rescaled sparse task vectors, their masks, the
-        # merged value and the weight; TIES' election (signs, agreement) two more
-        return tasks + 3.0 + (2.0 if self.params["combine"] == "ties" else 0.0)
+        # measured, bench/method_memory.py (T = 2, 4, 8): the T rescaled sparse task vectors, one
+        # task's mask, the merged value and the weight; TIES' election beyond MAX_TASKS experts (the
+        # chunked torch path) keeps the full-size signs beside them
+        if self.params["combine"] != "ties":
+            return tasks + 2.25
+        return tasks + 2.75 + (1.75 if tasks > MAX_TASKS else 0.0)
+
+    def extra_bytes(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> int:
+        return election_scratch_bytes(matrix_shape, tasks) if self.params["combine"] == "ties" else 0
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         count = int(inp.deltas.shape[0])

@@ -33,7 +33,8 @@ from bmmstream.errors import BmmError
 from bmmstream.methods.dare import mask_key
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
 from bmmstream.plan.estimate import numel_of, sort_work
-from bmmstream.methods.ties import combine_sparse
+from bmmstream.methods.ties import combine_sparse, election_scratch_bytes
+from bmmstream.methods.ties_kernels import MAX_TASKS
 
 RESCALES = ("probability", "l1", "none")
 
@@ -56,17 +57,25 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
 
 
 def magprune(
-    delta: torch.Tensor, name: str, seed: int, task: int, density: float, epsilon: float, rescale: str
+    delta: torch.Tensor, name: str, seed: int, task: int, density: float, epsilon: float, rescale: str,
+    chunk: int = 1 << 20,
 ) -> torch.Tensor:
-    """One task's MagPrune-sparsified tensor."""
+    """One task's MagPrune-sparsified tensor. Ranks are per row of the last dimension, so rows are
+    pruned about `chunk` entries at a time: the ranks, probabilities and masks of a whole tensor
+    were ~9 copies of it in float64 and int64; the values are the same."""
     if density >= 1.0 or delta.numel() == 0:
         return delta
-    p = magprune_probabilities(delta.cpu(), density, epsilon)
-    u = torch.from_numpy(keyed_uniforms(seed, name, task, delta.numel())).reshape(delta.shape)
-    keep = (u < p.to(torch.float32)).to(delta.device)
-    kept = torch.where(keep, delta, torch.zeros_like(delta))
-    if rescale == "probability":
-        return kept / p.to(device=delta.device, dtype=delta.dtype)
+    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 0 else delta.reshape(1, 1)
+    u = torch.from_numpy(keyed_uniforms(seed, name, task, delta.numel())).reshape(rows.shape)
+    kept = torch.empty_like(rows)
+    step = max(1, int(chunk) // int(rows.shape[-1]))
+    for a in range(0, int(rows.shape[0]), step):
+        blk = rows[a:a + step]
+        p = magprune_probabilities(blk.cpu(), density, epsilon)
+        keep = (u[a:a + step] < p.to(torch.float32)).to(delta.device)
+        k = torch.where(keep, blk, torch.zeros_like(blk))
+        kept[a:a + step] = k / p.to(device=delta.device, dtype=delta.dtype) if rescale == "probability" else k
+    kept = kept.reshape(delta.shape)
     if rescale == "l1":
         before, after = float(delta.abs().sum()), float(kept.abs().sum())
         return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
@@ -130,9 +139,15 @@ class Della(MergeMethod):
         return {"sort": tasks * sort_work(n, row), "random": float(tasks * n)}  # magprune: ranks in rows, draws
 
     def working_copies(self, tasks: int) -> float:
-        # counted from the code, not measured: the T sparsified task vectors, one task's argsort
-        # (int64), the merged value and the weight; TIES' election two more
-        return tasks + 4.0 + (2.0 if self.combine == "ties" else 0.0)
+        # measured, bench/method_memory.py (T = 2, 4, 8): the T sparsified task vectors (MagPrune runs
+        # about a million entries at a time), the merged value and the weight; TIES' election beyond
+        # MAX_TASKS experts (the chunked torch path) keeps the full-size signs beside them
+        if self.combine != "ties":
+            return tasks + 1.75
+        return tasks + 2.0 + (2.0 if tasks > MAX_TASKS else 0.0)
+
+    def extra_bytes(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> int:
+        return election_scratch_bytes(matrix_shape, tasks) if self.combine == "ties" else 0
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         merged = combine_sparse(self.sparsified(inp), self.model_weights(inp), self.normalize, self.combine == "ties")

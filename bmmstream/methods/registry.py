@@ -316,7 +316,7 @@ def get_method(
 
 
 def weighted_combination(
-    deltas: torch.Tensor, weights: torch.Tensor | None, normalize: bool
+    deltas: torch.Tensor, weights: torch.Tensor | None, normalize: bool, chunk: int = 1 << 18
 ) -> torch.Tensor:
     """mergekit's combination without sign consensus: sum_t w_t U_t, divided by sum_t w_t if
     `normalize` (a |sum| below 1e-8 divides by 1). weights None: all 1 (the plain sum, exactly)."""
@@ -324,7 +324,13 @@ def weighted_combination(
         mixed = deltas.sum(0)
         divisor = float(deltas.shape[0])
     else:
-        mixed = (deltas * weights.reshape((-1,) + (1,) * (deltas.dim() - 1))).sum(0)
+        # chunk by chunk: the weighted copy is T-fold; torch's sum over the task axis gives the same
+        # bits on slices of width a multiple of 32768 (ties.ELEMENT_CHUNK), so this is the unchunked sum
+        t_count = int(deltas.shape[0])
+        flat, w = deltas.reshape(t_count, -1), weights.reshape(-1, 1)
+        n = int(flat.shape[1])
+        parts = [(flat[:, a:a + chunk] * w).sum(0) for a in range(0, n, max(int(chunk), 1))]
+        mixed = (torch.cat(parts) if parts else (flat * w).sum(0)).reshape(deltas.shape[1:])
         divisor = float(weights.sum())
     if normalize:
         mixed = mixed / (divisor if abs(divisor) >= 1e-8 else 1.0)

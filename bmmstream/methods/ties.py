@@ -51,6 +51,20 @@ from bmmstream.methods.registry import MergeMethod, ModuleInput, RawModule, regi
 from bmmstream.plan.estimate import numel_of, sort_work
 
 THRESHOLDS = ("global", "per_tensor")
+# entries per step of the torch paths whose temporaries are T-fold (elect_and_mean). A multiple of
+# 32768: on slices of that width torch's sum over the task axis gives the whole tensor's bits (for
+# T >= 5 its order depends on the column; measured equal for T up to 13 on 1-4 threads, float32 and
+# float64, odd lengths; narrower slices differ in a few entries)
+ELEMENT_CHUNK = 1 << 18
+
+
+def election_scratch_bytes(matrix_shape: tuple[int, ...], tasks: int) -> int:
+    """Bytes of elect_and_mean's per-chunk temporaries on its torch path (beyond MAX_TASKS experts):
+    about 9 bytes per task and entry of a chunk (the weighted values, the selected values, the
+    agreement masks), for `bmm plan`; the fused kernel's are negligible."""
+    if tasks <= fused.MAX_TASKS:
+        return 0
+    return 9 * tasks * min(numel_of(matrix_shape), ELEMENT_CHUNK)
 
 
 def elect_and_mean(
@@ -58,35 +72,62 @@ def elect_and_mean(
     zero_sign: str = "majority",
     weights: torch.Tensor | None = None,
     normalize: bool = True,
+    chunk: int = ELEMENT_CHUNK,
 ) -> torch.Tensor:
     """Sign election by mass and disjoint mean over the task axis 0 of trimmed task vectors.
 
     Where the mass is exactly 0: "majority" takes the majority of the elected signs over the tensor
     (the reference's rule, over the tensor instead of the model), "positive" takes +1 (mergekit).
     `weights` [T] (mergekit's per-model weight): the election and the mean run on w_t * trimmed_t
-    and the divisor is the sum of the agreeing weights; `normalize` False: no division."""
+    and the divisor is the sum of the agreeing weights; `normalize` False: no division.
+
+    torch's path runs `chunk` entries at a time: its masks, weighted copies and int64 counts are
+    T-fold, so on a whole tensor they took ~3.7 T copies of it (38 copies at T = 8, measured). Every
+    step is per entry and torch's sum over the task axis gives the same bits on slices of width a
+    multiple of 32768 (tests/test_fused_ties.py), so the result is the unchunked one, bit for bit."""
     fast = _fused_elect_and_mean(trimmed, zero_sign, weights, normalize)
     if fast is not None:
         return fast
-    if weights is not None:
-        trimmed = trimmed * weights.reshape((-1,) + (1,) * (trimmed.dim() - 1))
-    sign = torch.sign(trimmed.sum(0))
+    t_count, shape = int(trimmed.shape[0]), trimmed.shape[1:]
+    flat = trimmed.reshape(t_count, -1)
+    n = int(flat.shape[1])
+    w = None if weights is None else weights.reshape(-1, 1)
+    steps = [slice(a, min(a + chunk, n)) for a in range(0, n, max(int(chunk), 1))] or [slice(0, 0)]
+
+    def part(sl: slice) -> torch.Tensor:
+        return flat[:, sl] * w if w is not None else flat[:, sl]
+
+    sign: torch.Tensor | None = None
+    for sl in steps:  # pass 1: the elected signs of the whole tensor (the majority rule needs them all)
+        s = torch.sign(part(sl).sum(0))
+        if sign is None:
+            sign = torch.empty(n, dtype=s.dtype, device=s.device)
+        sign[sl] = s
+    assert sign is not None
     zero = sign == 0
     if zero_sign == "positive":
         sign = torch.where(zero, torch.ones_like(sign), sign)
     elif bool(zero.any()):
-        majority = torch.sign(sign.sum())
+        majority = torch.sign(sign.reshape(shape).sum())  # the unchunked call, on the same shape
         sign = torch.where(zero, majority if majority != 0 else torch.ones_like(majority), sign)
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    selected = torch.where(agree, trimmed, 0.0)  # a scalar 0: no T-fold zeros tensor
-    if not normalize:
-        return selected.sum(0)
-    if weights is None:
-        count = agree.sum(0).clamp(min=1).to(trimmed.dtype)
-        return selected.sum(0) / count
-    w = weights.reshape((-1,) + (1,) * (trimmed.dim() - 1))
-    divisor = torch.where(agree, w, 0.0).sum(0)
-    return selected.sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    del zero
+    out: torch.Tensor | None = None
+    for sl in steps:  # pass 2: the disjoint mean, chunk by chunk
+        x, sg = part(sl), sign[sl]
+        agree = torch.where(sg > 0, x > 0, x < 0)
+        selected = torch.where(agree, x, 0.0)  # a scalar 0: no T-fold zeros tensor
+        if not normalize:
+            r = selected.sum(0)
+        elif w is None:
+            r = selected.sum(0) / agree.sum(0).clamp(min=1).to(x.dtype)
+        else:
+            divisor = torch.where(agree, w, 0.0).sum(0)
+            r = selected.sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        if out is None:
+            out = torch.empty(n, dtype=r.dtype, device=r.device)
+        out[sl] = r
+    assert out is not None
+    return out.reshape(shape)
 
 
 def _fused_elect_and_mean(
@@ -293,9 +334,17 @@ class Ties(MergeMethod):
         return {"sort_unstable": tasks * sort_work(n, n)}  # topk_mask_per_tensor: one argsort per task
 
     def working_copies(self, tasks: int) -> float:
-        # the trimmed task vectors, the mask, the signs and the sums beside them: T + 4 measured on
-        # the per-tensor path (bench/perf_vs_mergekit.py, 0.35B suite, T = 4: 1.96 GiB private)
-        return tasks + 4.0
+        # measured, bench/method_memory.py (T = 2, 4, 8): per tensor, one task's argsort (|U| in
+        # float32, the sorted values, int64 indices) beside the T-fold mask, then the T trimmed task
+        # vectors, the result and the weight; global (the general path, where the fused kernel
+        # declines), the trimmed task vectors, the result and the weight, plus the chunked election's
+        # full-size signs beyond MAX_TASKS experts
+        if self.params["threshold"] == "per_tensor":
+            return max(0.25 * tasks + 8.5, 1.25 * tasks + 2.5)
+        return tasks + 2.5 + (1.5 if tasks > fused.MAX_TASKS else 0.0)
+
+    def extra_bytes(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> int:
+        return election_scratch_bytes(matrix_shape, tasks)
 
     # -- pass 2 ----------------------------------------------------------------------------
     def trim(self, inp: ModuleInput) -> torch.Tensor:
