@@ -203,7 +203,8 @@ class Bench:
         return rec
 
 
-    def posterior_at(self, run: dict, anchor: dict, betas: list[float], samples: int) -> dict | None:
+    def posterior_at(self, run: dict, anchor: dict, betas: list[float], samples: int,
+                     cached_only: bool = False) -> dict | None:
         """The paper's posterior ensemble at a search's chosen point: a one-point search (every range
         fixed at the point, so nothing is searched) whose posterior report is on the test split. Its
         MAP model is the search's written model (checked: same test accuracy)."""
@@ -219,6 +220,8 @@ class Bench:
         key = f"posterior:{run['optimizer']}:seed{run['seed']}:rho{rho}:scale{scale}:S{samples}:betas{betas}"
         if key in self.res:
             return self.res[key]
+        if cached_only:
+            return None
         s = self.suite
         search = {"optimizer": "random", "budget": 1, "seed": 0, "full_top_k": 1, "rho_range": [rho, rho],
                   "scale_range": [scale, scale], "scorer": s.scorer_cfg("val"),
@@ -295,6 +298,11 @@ def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: li
             lines += ["", "beta candidates on validation: " + "; ".join(
                 f"beta {c['beta']:g}: acc {100 * c['accuracy']:.1f}, ECE {c['ece']:.4f}, NLL {c['nll']:.4f}"
                 for c in post["beta_candidates"])]
+            from bmmstream.search.posterior import beta_choice_note
+
+            chosen = next(c for c in post["beta_candidates"] if c["beta"] == post["beta"])
+            note = post.get("beta_note") or beta_choice_note(chosen, tuple(cands))
+            lines += [f"(validation: MAP model NLL {chosen['map_nll']:.4f})"] + ([f"Note: {note}."] if note else [])
     return "\n".join(lines)
 
 
@@ -312,7 +320,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda: merges, searches and test scoring")
     ap.add_argument("--no-posterior", action="store_true")
     ap.add_argument("--cached-only", action="store_true",
-                    help="report the searches already in results.json; run none (implies --no-posterior)")
+                    help="report the searches (and the posterior for --posterior-betas) already in results.json; run none")
     ap.add_argument("--posterior-betas", nargs="+", type=float, default=BETAS)
     ap.add_argument("--posterior-samples", type=int, default=10)
     args = ap.parse_args(argv)
@@ -343,8 +351,8 @@ def main(argv=None) -> None:
         posts = [dict(r["posterior"], at=f"{o} seed {sd} (in-search)") for (o, sd), r in sorted(runs.items())
                  if "posterior" in r]
         first = runs.get(("staged", args.seeds[0]))
-        if first is not None and not (args.no_posterior or args.cached_only):
-            p = bench.posterior_at(first, tsv, args.posterior_betas, args.posterior_samples)
+        if first is not None and not args.no_posterior:
+            p = bench.posterior_at(first, tsv, args.posterior_betas, args.posterior_samples, args.cached_only)
             if p is not None:
                 posts.append(dict(p, at=f"staged seed {args.seeds[0]}"))
         text = report(bench, anchors, bmm_default, runs, args.seeds, posts)

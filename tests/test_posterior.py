@@ -5,7 +5,7 @@ import torch
 
 from bmmstream.errors import BmmError
 from bmmstream.search.posterior import (METRICS, ModulePosterior, PosteriorOptions, default_modules,
-                                       posterior_evaluate, posterior_report)
+                                       beta_choice_note, posterior_evaluate, posterior_report)
 from bmmstream.solve.posterior import ece, ensemble_nll, ensemble_probs, sample_rows
 
 
@@ -232,6 +232,26 @@ def test_report_chooses_the_beta_of_lowest_validation_nll():
     # one number: today's report (no choice, no candidates)
     assert posterior_report(model, post, _predict, PosteriorOptions(samples=2, beta=3.0)) == \
         posterior_evaluate(model, post, _predict, PosteriorOptions(samples=2, beta=3.0))
+
+
+def test_report_says_when_the_chosen_beta_is_at_an_edge_of_the_grid():
+    """A grid that does not bracket the best beta is reported: at the largest candidate with the MAP
+    model's NLL lower (the criterion prefers beta -> inf), at the smallest, and not inside or at inf."""
+    model = Toy()
+    post = {"down.weight": ModulePosterior(torch.eye(8, dtype=torch.float64), 0.1)}
+    low = posterior_report(model, post, _predict, PosteriorOptions(samples=4, beta=(1e-4, 1e-3), seed=1))
+    assert low["beta"] == 1e-3 and low["nll"] > low["map_nll"]  # noise of variance 1e3: far worse than MAP
+    assert low["beta_note"] == beta_choice_note({"beta": 1e-3, "nll": low["nll"], "map_nll": low["map_nll"]},
+                                                (1e-4, 1e-3))
+    assert "the largest candidate" in low["beta_note"] and "MAP model (beta: .inf)" in low["beta_note"]
+    with_map = posterior_report(model, post, _predict, PosteriorOptions(samples=4, beta=(1e-4, 1e-3, math.inf), seed=1))
+    assert with_map["beta"] == math.inf and "beta_note" not in with_map
+    assert beta_choice_note({"beta": 2.0, "nll": 0.5, "map_nll": 0.6}, (1.0, 2.0, 3.0)) is None
+    assert beta_choice_note({"beta": 1.0, "nll": 0.5, "map_nll": 0.6}, (1.0, 2.0)) == \
+        "beta 1, the smallest candidate, was chosen: smaller ones may do better"
+    assert beta_choice_note({"beta": 2.0, "nll": 0.5, "map_nll": 0.6}, (1.0, 2.0)) == \
+        "beta 2, the largest candidate, was chosen: larger ones may do better"
+    assert beta_choice_note({"beta": 2.0, "nll": 0.5, "map_nll": 0.6}, (2.0,)) is None
 
 
 def test_report_on_other_rows_keeps_validation_figures():

@@ -15,6 +15,8 @@ e.g. a test split, with the validation figures under "validation".
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -210,7 +212,28 @@ def posterior_report(
         out["validation"] = {k: chosen[k] for k in ("tasks", *METRICS)}
     if not single:
         out["beta_candidates"] = [{k: c[k] for k in ("beta", *METRICS)} for c in cands]
+        note = beta_choice_note(chosen, betas)
+        if note:
+            out["beta_note"] = note
     return out
+
+
+def beta_choice_note(chosen: dict, betas: tuple[float, ...]) -> str | None:
+    """What a user should know about the chosen beta: at an edge of the candidates the grid does not
+    bracket the best one; at the largest, with the MAP model's validation NLL below it, the criterion
+    prefers the MAP model (beta -> inf). None inside the grid or for the MAP model itself."""
+    beta = chosen["beta"]
+    if len(betas) < 2 or not math.isfinite(beta):
+        return None
+    if beta == max(betas):
+        if chosen["nll"] > chosen["map_nll"]:
+            return (f"beta {beta:g}, the largest candidate, was chosen and the MAP model's validation NLL "
+                    f"({chosen['map_nll']:.4f}) is below the ensemble's ({chosen['nll']:.4f}): by this criterion "
+                    f"a larger beta, or the MAP model (beta: .inf), does better")
+        return f"beta {beta:g}, the largest candidate, was chosen: larger ones may do better"
+    if beta == min(betas):
+        return f"beta {beta:g}, the smallest candidate, was chosen: smaller ones may do better"
+    return None
 
 
 def module_posteriors(plan: Plan, store: Any, point: dict, key: str, names: list[str] | None = None

@@ -676,6 +676,8 @@ def _posterior_report(job, store, s: dict, key: str, best: dict, scorer, opts, p
         report["samples"], report["beta"], " chosen by validation NLL" if "beta_candidates" in report else "",
         report["accuracy"], report["ece"], report["nll"], report["map_accuracy"], report["map_ece"],
         report["map_nll"], f" on {report_scorer.id}" if report_scorer is not None else "", out)
+    if report.get("beta_note"):
+        logging.getLogger("bmmstream.search").warning("posterior: %s", report["beta_note"])
     del model, apply, layout
     return report
 
