@@ -27,7 +27,7 @@ import torch
 from bmmstream.errors import BmmError
 from bmmstream.methods.registry import MergeMethod, ModuleInput, register
 from bmmstream.plan.estimate import numel_of, sort_work
-from bmmstream.methods.ties import combine_sparse
+from bmmstream.methods.ties import combine_sparse, election_scratch_bytes
 
 COMBINES = ("task_arithmetic", "ties")
 
@@ -106,6 +106,9 @@ class Breadcrumbs(MergeMethod):
         # beside one task's stable sort (|U|, the sorted values, int64 indices, the mask); the
         # election that follows needs less
         return tasks + 5.5
+
+    def extra_bytes(self, matrix_shape: tuple[int, ...], kind: str, tasks: int) -> int:
+        return election_scratch_bytes(matrix_shape, tasks) if self.combine == "ties" else 0
 
     def merge(self, inp: ModuleInput) -> torch.Tensor:
         merged = combine_sparse(self.masked(inp), self.model_weights(inp), self.normalize, self.combine == "ties")

@@ -56,26 +56,37 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
     return ((density - epsilon) + 2.0 * epsilon * rank_norm).reshape(delta.shape)
 
 
+# entries per step of magprune (whole rows): its float64/int64 scratch, ~50 bytes an entry, stays
+# below the election's working copies that follow (bench/method_memory.py at 1024 x 2048 and 4096 x 8192)
+MAGPRUNE_CHUNK = 1 << 18
+
+
 def magprune(
     delta: torch.Tensor, name: str, seed: int, task: int, density: float, epsilon: float, rescale: str,
-    chunk: int = 1 << 20,
+    chunk: int = MAGPRUNE_CHUNK,
 ) -> torch.Tensor:
-    """One task's MagPrune-sparsified tensor. Ranks are per row of the last dimension, so rows are
-    pruned about `chunk` entries at a time: the ranks, probabilities and masks of a whole tensor
-    were ~9 copies of it in float64 and int64; the values are the same."""
+    """One task's MagPrune-sparsified tensor. Ranks are per row of the last dimension, so a contiguous
+    tensor is pruned a few rows (about `chunk` entries) at a time: the ranks, probabilities and masks of
+    a whole tensor were ~9 copies of it in float64 and int64. The values are the same."""
     if density >= 1.0 or delta.numel() == 0:
         return delta
-    rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() > 0 else delta.reshape(1, 1)
-    u = torch.from_numpy(keyed_uniforms(seed, name, task, delta.numel())).reshape(rows.shape)
-    kept = torch.empty_like(rows)
-    step = max(1, int(chunk) // int(rows.shape[-1]))
-    for a in range(0, int(rows.shape[0]), step):
-        blk = rows[a:a + step]
-        p = magprune_probabilities(blk.cpu(), density, epsilon)
-        keep = (u[a:a + step] < p.to(torch.float32)).to(delta.device)
-        k = torch.where(keep, blk, torch.zeros_like(blk))
-        kept[a:a + step] = k / p.to(device=delta.device, dtype=delta.dtype) if rescale == "probability" else k
-    kept = kept.reshape(delta.shape)
+    u = torch.from_numpy(keyed_uniforms(seed, name, task, delta.numel()))
+
+    def prune(x: torch.Tensor, ux: torch.Tensor) -> torch.Tensor:
+        p = magprune_probabilities(x.cpu(), density, epsilon)
+        keep = (ux < p.to(torch.float32)).to(x.device)
+        kept = torch.where(keep, x, torch.zeros_like(x))
+        return kept / p.to(device=x.device, dtype=x.dtype) if rescale == "probability" else kept
+
+    if delta.is_contiguous() and delta.dim() > 1 and delta.numel() > chunk:
+        rows = delta.reshape(-1, delta.shape[-1])
+        ur, kept = u.reshape(rows.shape), torch.empty_like(rows)
+        step = max(1, int(chunk) // int(rows.shape[-1]))
+        for a in range(0, int(rows.shape[0]), step):
+            kept[a:a + step] = prune(rows[a:a + step], ur[a:a + step])
+        kept = kept.reshape(delta.shape)
+    else:  # one step on the tensor itself (a strided input keeps its own layout for the l1 sums)
+        kept = prune(delta, u.reshape(delta.shape))
     if rescale == "l1":
         before, after = float(delta.abs().sum()), float(kept.abs().sum())
         return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)

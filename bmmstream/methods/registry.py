@@ -326,11 +326,14 @@ def weighted_combination(
     else:
         # chunk by chunk: the weighted copy is T-fold; torch's sum over the task axis gives the same
         # bits on slices of width a multiple of 32768 (ties.ELEMENT_CHUNK), so this is the unchunked sum
-        t_count = int(deltas.shape[0])
-        flat, w = deltas.reshape(t_count, -1), weights.reshape(-1, 1)
-        n = int(flat.shape[1])
-        parts = [(flat[:, a:a + chunk] * w).sum(0) for a in range(0, n, max(int(chunk), 1))]
-        mixed = (torch.cat(parts) if parts else (flat * w).sum(0)).reshape(deltas.shape[1:])
+        if chunk <= 0:
+            raise ValueError(f"weighted_combination: chunk must be positive, got {chunk}")
+        t_count, n = int(deltas.shape[0]), math.prod(deltas.shape[1:])
+        if n <= chunk or not deltas.is_contiguous():  # one step; a strided input as before (its layout)
+            mixed = (deltas * weights.reshape((-1,) + (1,) * (deltas.dim() - 1))).sum(0)
+        else:
+            flat, w = deltas.reshape(t_count, n), weights.reshape(-1, 1)
+            mixed = torch.cat([(flat[:, a:a + chunk] * w).sum(0) for a in range(0, n, chunk)]).reshape(deltas.shape[1:])
         divisor = float(weights.sum())
     if normalize:
         mixed = mixed / (divisor if abs(divisor) >= 1e-8 else 1.0)

@@ -40,6 +40,7 @@ task vectors or their T-fold temporaries.
 """
 from __future__ import annotations
 
+import math
 import numba
 import numpy as np
 import torch
@@ -56,15 +57,17 @@ THRESHOLDS = ("global", "per_tensor")
 # T >= 5 its order depends on the column; measured equal for T up to 13 on 1-4 threads, float32 and
 # float64, odd lengths; narrower slices differ in a few entries)
 ELEMENT_CHUNK = 1 << 18
+ELECTION_SCRATCH_PER_ENTRY = 16  # bytes per task and chunk entry (election_scratch_bytes)
 
 
 def election_scratch_bytes(matrix_shape: tuple[int, ...], tasks: int) -> int:
-    """Bytes of elect_and_mean's per-chunk temporaries on its torch path (beyond MAX_TASKS experts):
-    about 9 bytes per task and entry of a chunk (the weighted values, the selected values, the
-    agreement masks), for `bmm plan`; the fused kernel's are negligible."""
+    """Bytes of elect_and_mean's per-chunk temporaries on its torch path (beyond MAX_TASKS experts),
+    for `bmm plan`: per task and entry of a chunk, the weighted values, the selected values, the
+    agreement masks and the agreeing weights (9 bytes measured in float32 without weights; 16 covers
+    weights and float64 weights). The fused kernel's are negligible."""
     if tasks <= fused.MAX_TASKS:
         return 0
-    return 9 * tasks * min(numel_of(matrix_shape), ELEMENT_CHUNK)
+    return ELECTION_SCRATCH_PER_ENTRY * tasks * min(numel_of(matrix_shape), ELEMENT_CHUNK)
 
 
 def elect_and_mean(
@@ -84,48 +87,56 @@ def elect_and_mean(
     torch's path runs `chunk` entries at a time: its masks, weighted copies and int64 counts are
     T-fold, so on a whole tensor they took ~3.7 T copies of it (38 copies at T = 8, measured). Every
     step is per entry and torch's sum over the task axis gives the same bits on slices of width a
-    multiple of 32768 (tests/test_fused_ties.py), so the result is the unchunked one, bit for bit."""
+    multiple of 32768 (tests/test_fused_ties.py), so the result is the unchunked one, bit for bit, on
+    the CPU (on CUDA torch's reduction layout depends on the number of columns: not checked there)."""
     fast = _fused_elect_and_mean(trimmed, zero_sign, weights, normalize)
     if fast is not None:
         return fast
+    if chunk <= 0:
+        raise ValueError(f"elect_and_mean: chunk must be positive, got {chunk}")
     t_count, shape = int(trimmed.shape[0]), trimmed.shape[1:]
-    flat = trimmed.reshape(t_count, -1)
-    n = int(flat.shape[1])
-    w = None if weights is None else weights.reshape(-1, 1)
-    steps = [slice(a, min(a + chunk, n)) for a in range(0, n, max(int(chunk), 1))] or [slice(0, 0)]
+    n = math.prod(shape)
+    if trimmed.is_contiguous() and n > chunk:
+        flat = trimmed.reshape(t_count, n)
+        spans = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+        parts = [flat[:, lo:hi] for lo, hi in spans]
+    else:  # one step on the tensor itself (a strided input keeps its own summation layout)
+        spans, parts = [(0, n)], [trimmed]
 
-    def part(sl: slice) -> torch.Tensor:
-        return flat[:, sl] * w if w is not None else flat[:, sl]
+    def weighted(x: torch.Tensor) -> torch.Tensor:
+        return x if weights is None else x * weights.reshape((-1,) + (1,) * (x.dim() - 1))
 
-    sign: torch.Tensor | None = None
-    for sl in steps:  # pass 1: the elected signs of the whole tensor (the majority rule needs them all)
-        s = torch.sign(part(sl).sum(0))
-        if sign is None:
-            sign = torch.empty(n, dtype=s.dtype, device=s.device)
-        sign[sl] = s
-    assert sign is not None
+    # pass 1: the elected signs of the whole tensor (the majority rule needs them all)
+    signs = [torch.sign(weighted(x).sum(0)) for x in parts]
+    sign = signs[0] if len(parts) == 1 else torch.cat(signs).reshape(shape)
+    del signs
     zero = sign == 0
     if zero_sign == "positive":
         sign = torch.where(zero, torch.ones_like(sign), sign)
     elif bool(zero.any()):
-        majority = torch.sign(sign.reshape(shape).sum())  # the unchunked call, on the same shape
+        majority = torch.sign(sign.sum())
         sign = torch.where(zero, majority if majority != 0 else torch.ones_like(majority), sign)
     del zero
+    sign_flat = sign.reshape(-1) if len(parts) > 1 else sign
     out: torch.Tensor | None = None
-    for sl in steps:  # pass 2: the disjoint mean, chunk by chunk
-        x, sg = part(sl), sign[sl]
+    for (lo, hi), part in zip(spans, parts):  # pass 2: the disjoint mean, chunk by chunk
+        x = weighted(part)
+        sg = sign_flat[lo:hi] if len(parts) > 1 else sign
         agree = torch.where(sg > 0, x > 0, x < 0)
         selected = torch.where(agree, x, 0.0)  # a scalar 0: no T-fold zeros tensor
         if not normalize:
             r = selected.sum(0)
-        elif w is None:
+        elif weights is None:
             r = selected.sum(0) / agree.sum(0).clamp(min=1).to(x.dtype)
         else:
+            w = weights.reshape((-1,) + (1,) * (x.dim() - 1))
             divisor = torch.where(agree, w, 0.0).sum(0)
             r = selected.sum(0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        if len(parts) == 1:
+            return r
         if out is None:
             out = torch.empty(n, dtype=r.dtype, device=r.device)
-        out[sl] = r
+        out[lo:hi] = r
     assert out is not None
     return out.reshape(shape)
 
