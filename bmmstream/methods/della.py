@@ -151,7 +151,7 @@ class Della(MergeMethod):
 
     def working_copies(self, tasks: int) -> float:
         # measured, bench/method_memory.py (T = 2, 4, 8): the T sparsified task vectors (MagPrune runs
-        # about a million entries at a time), the merged value and the weight; TIES' election beyond
+        # 2^18 entries at a time), the merged value and the weight; TIES' election beyond
         # MAX_TASKS experts (the chunked torch path) keeps the full-size signs beside them
         if self.combine != "ties":
             return tasks + 1.75
