@@ -123,6 +123,16 @@ def bootstrap(correct: dict[str, list[int]], other: dict[str, list[int]] | None 
     return float(lo), float(hi)
 
 
+def search_key(opt: str, seed: int, budget: int, proxy: int, blocks: int,
+               stage1: tuple[int, int] | None = None) -> str:
+    """The results cache's key of one search; a staged search with a stage-1 shape other than the
+    default names it."""
+    key = f"search:{opt}:seed{seed}:budget{budget}:proxy{proxy}:blocks{blocks}"
+    if opt == "staged" and stage1 is not None:
+        key += f":stage1={stage1[0]}x{stage1[1]}"
+    return key
+
+
 class Bench:
     def __init__(self, suite: Suite, out: Path, device: str = "cpu"):
         self.suite, self.out, self.device = suite, out / suite.name, device
@@ -130,7 +140,9 @@ class Bench:
         self.path = self.out / "results.json"
         self.res = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def save(self) -> None:
+    def save(self) -> None:  # merged with the file: another bench process may have added entries
+        if self.path.exists():
+            self.res = {**json.loads(self.path.read_text()), **self.res}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.res, indent=1))
         tmp.replace(self.path)
@@ -174,10 +186,11 @@ class Bench:
             picked[method] = rec
         return picked
 
-    def search(self, opt: str, seed: int, anchor: dict, budget: int, proxy: int, blocks: int) -> dict:
+    def search(self, opt: str, seed: int, anchor: dict, budget: int, proxy: int, blocks: int,
+               stage1: tuple[int, int] | None = None) -> dict:
         import bmmstream
 
-        key = f"search:{opt}:seed{seed}:budget{budget}:proxy{proxy}:blocks{blocks}"
+        key = search_key(opt, seed, budget, proxy, blocks, stage1)
         if key in self.res:
             return self.res[key]
         s = self.suite
@@ -187,6 +200,8 @@ class Bench:
             search["preset"] = "paper_llm"  # absolute lam log-uniform in [1e-3, 100], s in [1.0, 1.3]
         else:
             search.update(rho_range=[1e-4, 10.0], scale_range=[1.0, 1.3])
+        if opt == "staged" and stage1 is not None:
+            search["design"] = {"stage1": list(stage1)}
         params = {"anchor": "tsv", "anchor_parameters": anchor["params"], "statistics": "data_free", "blocks": blocks}
         cfg = self.cfg("bmm", params) | {"search": search}
         d = self.out / "searches" / safe(key)
@@ -248,8 +263,10 @@ def fmt(correct: dict, ref: dict | None = None) -> str:
     return s
 
 
-def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: list[int], posts: list[dict]) -> str:
+def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: list[int], posts: list[dict],
+           stage1: tuple[int, int] | None = None) -> str:
     s = bench.suite
+    name_of = {o: o for o in OPTIMIZERS} | ({"staged": f"staged, stage1 {stage1[0]}x{stage1[1]}"} if stage1 else {})
     lines = [f"### {s.name} suite: {', '.join(s.tasks)}; test rows per task "
              + ", ".join(str(len(c)) for c in next(iter(anchors.values()))["test"].values()),
              "", "| model | val | test mean [95% CI] | per task | vs grid, same seed [95% CI] |", "|---|---|---|---|---|"]
@@ -270,7 +287,7 @@ def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: li
             if r is None:
                 continue
             g = runs.get(("grid", seed))
-            lines.append(row(f"search {opt} seed {seed}", r["val"] if r["val"] is not None else "-", r["test"],
+            lines.append(row(f"search {name_of[opt]} seed {seed}", r["val"] if r["val"] is not None else "-", r["test"],
                              g["test"] if g is not None and opt != "grid" else None))
     lines.append("")
     lines.append("| optimizer | mean test over seeds | min | max | seeds >= grid | seeds >= best anchor alone |")
@@ -283,7 +300,7 @@ def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: li
         ge_grid = sum(1 for seed, v in vals if ("grid", seed) in runs and v >= mean_acc(runs[("grid", seed)]["test"]))
         ge_anchor = sum(1 for _, v in vals if v >= best_anchor)
         ts = [v for _, v in vals]
-        lines.append(f"| {opt} | {100 * np.mean(ts):.1f} | {100 * min(ts):.1f} | {100 * max(ts):.1f} | "
+        lines.append(f"| {name_of[opt]} | {100 * np.mean(ts):.1f} | {100 * min(ts):.1f} | {100 * max(ts):.1f} | "
                      f"{ge_grid}/{len(vals)} | {ge_anchor}/{len(vals)} |")
     for post in posts:
         cands = [c["beta"] for c in post.get("beta_candidates", [])]
@@ -317,6 +334,8 @@ def main(argv=None) -> None:
     ap.add_argument("--proxy", type=int, default=50, help="validation rows per task of the proxy scorer")
     ap.add_argument("--blocks", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stage1", nargs=2, type=int, metavar=("N_RHO", "N_SCALE"),
+                    help="the staged design's stage-1 lattice (default: the design's own by budget)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: merges, searches and test scoring")
     ap.add_argument("--no-posterior", action="store_true")
     ap.add_argument("--cached-only", action="store_true",
@@ -341,10 +360,10 @@ def main(argv=None) -> None:
         runs = {}
         for seed in args.seeds:  # seed-major: a run cut short still has every optimiser at the first seeds
             for opt in args.optimizers:
-                if args.cached_only and (f"search:{opt}:seed{seed}:budget{args.budget}:proxy{args.proxy}:"
-                                         f"blocks{args.blocks}") not in bench.res:
+                if args.cached_only and search_key(opt, seed, args.budget, args.proxy, args.blocks,
+                                                   args.stage1) not in bench.res:
                     continue
-                r = bench.search(opt, seed, tsv, args.budget, args.proxy, args.blocks)
+                r = bench.search(opt, seed, tsv, args.budget, args.proxy, args.blocks, args.stage1)
                 runs[(opt, seed)] = r
                 print(f"[{name}] {opt:9s} seed {seed}: val {r['val'] if r['val'] is not None else float('nan'):.4f} "
                       f"test {fmt(r['test'])}  {r['search_s']:.0f} s", flush=True)
@@ -355,7 +374,7 @@ def main(argv=None) -> None:
             p = bench.posterior_at(first, tsv, args.posterior_betas, args.posterior_samples, args.cached_only)
             if p is not None:
                 posts.append(dict(p, at=f"staged seed {args.seeds[0]}"))
-        text = report(bench, anchors, bmm_default, runs, args.seeds, posts)
+        text = report(bench, anchors, bmm_default, runs, args.seeds, posts, args.stage1)
         (bench.out / "report.md").write_text(text + "\n")
         print(text, flush=True)
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, python "

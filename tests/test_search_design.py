@@ -34,6 +34,8 @@ def test_stage1_is_the_shared_lattice_edges_included_and_holds_the_grid(tmp_path
     assert stage1_shape(sp, 40, DesignOptions()) == (9, 2)
     assert stage1_shape(sp, 80, DesignOptions()) == (9, 3)
     assert stage1_shape(sp, 3, DesignOptions()) == (1, 1)
+    assert [stage1_shape(sp, b, DesignOptions()) for b in (12, 20, 36)] == [(3, 2), (5, 2), (9, 2)]
+    assert sp.lattice(9, 1) == sp.grid(9)
     assert stage1_shape(sp, 5, DesignOptions(stage1=(9, 3))) == (2, 2)  # never more than the budget
     assert stage1_shape(SearchSpace(1, scale_range=(1.1, 1.1)), 40, DesignOptions()) == (9, 1)
     r = run_search(sp, edge, budget=40, run_dir=tmp_path, write_report=False)  # staged is the default
@@ -58,6 +60,23 @@ def test_staged_is_never_below_the_grid_it_contains(tmp_path, fn, blocks):
         assert staged.best_score == 1.0 and ng.best_score < 1.0
     else:  # the refinement found what the shared lattice could not
         assert staged.best_score > lattice_best + 1.0
+
+
+@pytest.mark.parametrize("fn", [edge, plateau])
+def test_the_grid_line_stage1_holds_the_9_point_grid_at_budget_12(tmp_path, fn):
+    """`stage1: [9, 1]` scores the grid's damping line (at the decoder suite's budget, where the
+    default lattice is 3 x 2): it cannot end below the 9-point grid, and the refinement's first poll
+    moves the scale that stage 1 fixed."""
+    sp = SearchSpace(1, rho_range=(1e-4, 1.0))
+    grid = run_search(sp, fn, optimizer="grid", budget=9, run_dir=tmp_path, write_report=False)
+    staged = run_search(sp, fn, budget=12, design={"stage1": [9, 1]}, run_dir=tmp_path, write_report=False)
+    assert [t.params for t in staged.trials[:9]] == sp.grid(9)
+    assert [t.score for t in staged.trials[:9]] == [t.score for t in grid.trials]
+    assert staged.best_score >= grid.best_score
+    refined = [t.params["blocks"][0] for t in staged.trials[9:]]
+    assert any(b["scale"] != 1.0 for b in refined)  # the scale is polled although stage 1 fixed it
+    if fn is edge:  # the scale's step up pays on this objective: a real gain, not noise
+        assert staged.best_score > grid.best_score
 
 
 class Rows:

@@ -2,7 +2,9 @@
 
 Stage 1 scores the shared grid: one damping for every group and block x one scale, on a coarse
 lattice that covers the whole ranges, edges included (log-spaced dampings; with the default sizes
-it contains the 9-point `grid` baseline). Stage 2 refines per block and per group from the best few
+it contains the 9-point `grid` baseline from budget 36; below that `stage1: [9, 1]`, the grid's
+damping line, holds it from budget 9, at a cost where the best scale is not the grid's: see
+bench/search_design_synth.py). Stage 2 refines per block and per group from the best few
 stage-1 points by coordinate steps (a pattern search in unit coordinates, damping on a log scale;
 a step that pays is doubled, a poll that fails halves them all; with B > 1 a group's value moves in
 every block at once before blocks move alone): a chain steps to a neighbour that beats its current
