@@ -7,9 +7,10 @@ a point with true skill a(p) gets it right when u + n < a(p), where n ~ N(0, sig
 and row: models that differ a little share most of their errors (paired rows, as on real data).
 The search scores most trials on a proxy (the first `proxy` rows), then its 3 best eligible points on
 all `val` rows, as `bench/search_compare.py` does. Printed: mean true accuracy of the chosen point
-over seeds, and in how many seeds each rule's choice is >= the grid's (same budget, same rows).
+over seeds, in how many seeds each rule's choice is >= the grid's (same budget, same rows), and how
+often a staged choice lies off its stage-1 lattice (i.e. the refinement changed it).
 
-    python bench/search_design_synth.py --budgets 12 20 30 --seeds 30
+    python bench/search_design_synth.py --budgets 12 20 --seeds 30 --shapes line most_2s most_3s
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 from scipy.stats import norm
 
 from bmmstream.search import SearchSpace, run_search
-from bmmstream.search.design import DesignOptions
+from bmmstream.search.design import DesignOptions, stage1_shape
 from bmmstream.search.space import params_key
 
 SIGMA = 0.15
@@ -63,18 +64,39 @@ def true_acc(a: float) -> float:
     return float(norm.cdf((a - u) / SIGMA).mean())
 
 
-class Validation:
-    """One seed's validation rows; scores a point on the first `n` of them (per-row results)."""
+def unit(p: dict) -> np.ndarray:
+    """A point's unit coordinates: log10 rho over [-4, 1] per group, scale over [1.0, 1.3]."""
+    return np.array([(_lr(p, g) + 4) / 5 for g in GROUPS] + [(_s(p) - 1.0) / 0.3])
 
-    def __init__(self, skill, seed: int, rows: int):
-        self.skill, self.u = skill, np.random.default_rng(seed).random(rows)
-        self.seed = seed
+
+class Validation:
+    """One seed's validation rows; scores a point on the first `n` of them (per-row results).
+
+    length 0: each point's row noise is independent of every other point's (a harsh model: two
+    points one small step apart disagree on as many rows as two far apart). length > 0: the noise of
+    row i is sigma * f_i(x), f_i a random smooth function of the point's unit coordinates x (random
+    Fourier features of an RBF kernel of that length), so nearby points share their errors, as
+    nearby merges do on real rows (on the decoder suite, one group's damping moved by half the range
+    changed 1-3 of 75 proxy rows)."""
+
+    def __init__(self, skill, seed: int, rows: int, length: float = 0.0, features: int = 64):
+        rng = np.random.default_rng(seed)
+        self.skill, self.u = skill, rng.random(rows)
+        self.seed, self.length = seed, length
+        if length > 0:
+            self.w = rng.normal(0.0, 1.0 / length, (features, 5))
+            self.b = rng.uniform(0.0, 2 * math.pi, features)
+            self.a = rng.normal(0.0, 1.0, (rows, features)) * math.sqrt(2.0 / features)
+
+    def noise(self, p: dict) -> np.ndarray:
+        if self.length > 0:
+            return SIGMA * (self.a @ np.cos(self.w @ unit(p) + self.b))
+        h = int.from_bytes(hashlib.sha256(f"{self.seed}|{params_key(p)}".encode()).digest()[:8], "little")
+        return np.random.default_rng(h).normal(0.0, SIGMA, len(self.u))
 
     def scorer(self, n: int):
         def score(p: dict):
-            h = int.from_bytes(hashlib.sha256(f"{self.seed}|{params_key(p)}".encode()).digest()[:8], "little")
-            noise = np.random.default_rng(h).normal(0.0, SIGMA, len(self.u))[:n]
-            rows = (self.u[:n] + noise < self.skill(p)).astype(float)
+            rows = (self.u[:n] + self.noise(p)[:n] < self.skill(p)).astype(float)
             return float(rows.mean()), rows.tolist()
         return score
 
@@ -102,12 +124,14 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=268, help="validation rows (the decoder suite's)")
     ap.add_argument("--proxy", type=int, default=75, help="proxy rows (25 per task there)")
     ap.add_argument("--landscapes", nargs="+", default=list(LANDSCAPES))
+    ap.add_argument("--length", type=float, default=0.0,
+                    help="correlation length of the row noise in unit coordinates (0: independent per point)")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help="stage-1 shapes beside the default")
     ap.add_argument("--noise-z", nargs="+", type=float, default=[2.0], help="the guard's z for each shape")
     args = ap.parse_args()
     space = SearchSpace(1, rho_range=(1e-4, 10.0), scale_range=(1.0, 1.3))
     t0 = time.perf_counter()
-    print(f"validation {args.val} rows, proxy {args.proxy}, sigma {SIGMA}, {args.seeds} seeds; "
+    print(f"validation {args.val} rows, proxy {args.proxy}, sigma {SIGMA}, noise length {args.length}, {args.seeds} seeds; "
           "true accuracy of the choice, mean over seeds [seeds >= grid]")
     for budget in args.budgets:
         rules = {"staged (default)": ("staged", None)}
@@ -119,19 +143,26 @@ def main() -> None:
         for name in args.landscapes:
             skill = LANDSCAPES[name]
             res: dict[str, list[float]] = {r: [] for r in rules}
+            refined = {r: 0 for r, (o, _) in rules.items() if o == "staged"}
             for seed in range(args.seeds):
-                val = Validation(skill, 1000 + seed, args.val)
+                val = Validation(skill, 1000 + seed, args.val, args.length)
                 with tempfile.TemporaryDirectory() as d:
                     for rule, (opt, design) in rules.items():
                         r = run_search(space, val.scorer(args.val), proxy_evaluate=val.scorer(args.proxy),
                                        optimizer=opt, budget=budget, seed=seed, full_top_k=3, design=design,
                                        run_dir=Path(d) / rule.replace(" ", "_"), write_report=False)
                         res[rule].append(true_acc(skill(r.best_params)))
+                        if opt == "staged":  # did the refinement change the choice?
+                            nd, ns = stage1_shape(space, budget, DesignOptions.from_config(design))
+                            lattice = {params_key(q) for q in space.lattice(nd, ns)}
+                            refined[rule] += params_key(r.best_params) not in lattice
             g = np.array(res["grid"])
             best = true_acc(max(skill(p) for p in space.lattice(50, 7)))  # a dense shared lattice
             cells = "  ".join(f"{r} {100 * np.mean(v):.2f} [{int(np.sum(np.array(v) >= g - 1e-12))}/{len(v)}]"
                               for r, v in res.items())
             print(f"budget {budget:3d} {name:9s} (dense shared best {100 * best:.2f}): {cells}", flush=True)
+            print("    choice off the stage-1 lattice (the refinement's): "
+                  + ", ".join(f"{r} {k}/{args.seeds}" for r, k in refined.items()), flush=True)
     print(f"{time.perf_counter() - t0:.0f} s")
 
 
