@@ -101,16 +101,10 @@ class Validation:
         return score
 
 
-def old_shape(budget: int) -> tuple[int, int]:
-    """The first design's default (half the budget, 2 scale edges from 4 stage-1 trials)."""
-    target = max(1, budget // 2)
-    ns = 1 if target < 4 else (2 if target < 27 else 3)
-    return min(9, max(1, target // ns)), ns
-
-
 # other stage-1 shapes to compare with the default, by budget
 SHAPES = {
-    "half_2s": old_shape,  # the first design: half the budget, the 2 scale edges
+    # the default's own (half the budget, the 2 scale edges), under a name, to vary its guard's z
+    "half_2s": lambda b: stage1_shape(SearchSpace(1, scale_range=(1.0, 1.3)), b, DesignOptions()),
     "line": lambda b: (min(9, max(1, b - max(1, b // 4))), 1),  # the damping line at scale 1
     "most_2s": lambda b: (min(9, max(1, (b - max(2, b // 6)) // 2)), 2),  # most of the budget, 2 scales
     "most_3s": lambda b: (min(9, max(1, (b - max(2, b // 6)) // 3)), 3),  # most of the budget, 3 scales
