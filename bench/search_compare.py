@@ -49,17 +49,31 @@ BOOT = 2000
 
 
 class Suite:
-    """A suite folder of tools/build_experts.py: base, experts, per-task val/test JSONL."""
+    """A suite folder of tools/build_experts.py: base, experts, per-task val/test JSONL.
 
-    def __init__(self, cache: Path, name: str):
+    `val_extra` > 0 (decoder): validation is the suite's split plus that many rows per task the experts
+    never saw (master training rows past the suite's training prefix), pooled under `extra_root`."""
+
+    def __init__(self, cache: Path, name: str, val_extra: int = 0, extra_root: Path | None = None):
         self.name, self.dir = name, cache / name
         self.man = json.loads((self.dir / "manifest.json").read_text())
         self.tasks = list(self.man["experts"])
         self.base = self.dir / self.man["base"]
         self.experts = [self.dir / self.man["experts"][t] for t in self.tasks]
         self._tok = None
+        self.tag, self.extra_dir = name, None
+        if val_extra:
+            if name != "decoder":
+                raise SystemExit("--val-extra: only the decoder suite has unused training rows to add")
+            self.tag, self.extra_dir = f"{name}_valx{val_extra}", extra_root / f"valx{val_extra}"
+            self.extra_sizes = write_extra(self, cache, self.extra_dir, val_extra)
 
     def rows(self, task: str, split: str) -> str:
+        if self.extra_dir is not None and split in ("val", "valx"):
+            return str(self.extra_dir / task / f"{split}.jsonl")
+        return self.suite_rows(task, split)
+
+    def suite_rows(self, task: str, split: str) -> str:
         return str(self.dir / self.man["data"][task] / f"{split}.jsonl")
 
     def scorer_cfg(self, split: str, tasks: list[str] | None = None) -> dict:
@@ -99,6 +113,29 @@ class Suite:
         return out
 
 
+def write_extra(suite: Suite, cache: Path, out: Path, per_task: int) -> dict[str, int]:
+    """Per task under `out`: valx.jsonl, master training rows past the suite's training prefix as
+    prompts (disjoint from the suite's splits, checked), and val.jsonl, the suite's val + valx."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import build_experts as be
+
+    tok = suite.tokenizer()
+    sizes = {}
+    for task in suite.tasks:
+        own = {sp: be.read_jsonl(Path(suite.suite_rows(task, sp))) for sp in ("train", "val", "test")}
+        rows = be.read_jsonl(cache / "data" / task / "train.jsonl")[len(own["train"]):len(own["train"]) + per_task]
+        rows = be.prompt_rows(task, rows, tok, suite.man["tasks"][task]["max_text_tokens"])
+        seen = {json.dumps(r, sort_keys=True) for split in own.values() for r in split}
+        clash = sum(json.dumps(r, sort_keys=True) in seen for r in rows)
+        if clash:
+            raise SystemExit(f"{task}: {clash} extra validation rows are also in the suite's splits")
+        (out / task).mkdir(parents=True, exist_ok=True)
+        be.write_jsonl(out / task / "valx.jsonl", rows)
+        be.write_jsonl(out / task / "val.jsonl", own["val"] + rows)
+        sizes[task] = len(rows)
+    return sizes
+
+
 def safe(key: str) -> str:
     """A cache key as a folder name."""
     return re.sub(r"[^A-Za-z0-9=.,_-]+", "_", key).strip("_")
@@ -135,7 +172,7 @@ def search_key(opt: str, seed: int, budget: int, proxy: int, blocks: int,
 
 class Bench:
     def __init__(self, suite: Suite, out: Path, device: str = "cpu"):
-        self.suite, self.out, self.device = suite, out / suite.name, device
+        self.suite, self.out, self.device = suite, out / suite.tag, device
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "results.json"
         self.res = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -268,7 +305,9 @@ def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: li
     s = bench.suite
     name_of = {o: o for o in OPTIMIZERS} | ({"staged": f"staged, stage1 {stage1[0]}x{stage1[1]}"} if stage1 else {})
     lines = [f"### {s.name} suite: {', '.join(s.tasks)}; test rows per task "
-             + ", ".join(str(len(c)) for c in next(iter(anchors.values()))["test"].values()),
+             + ", ".join(str(len(c)) for c in next(iter(anchors.values()))["test"].values())
+             + (f"; the searches' validation split adds {s.extra_sizes} unseen rows per task (the anchors' and "
+                "the default damping's val column is the suite's own split)" if s.tag != s.name else ""),
              "", "| model | val | test mean [95% CI] | per task | vs grid, same seed [95% CI] |", "|---|---|---|---|---|"]
 
     def row(name: str, val, test: dict, ref: dict | None = None) -> str:
@@ -336,6 +375,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stage1", nargs=2, type=int, metavar=("N_RHO", "N_SCALE"),
                     help="the staged design's stage-1 lattice (default: the design's own by budget)")
+    ap.add_argument("--val-extra", type=int, default=0,
+                    help="decoder: add this many unseen rows per task to the validation split the searches use "
+                         "(results under <out>/decoder_valx<N>; anchors stay as picked on the suite's own split)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: merges, searches and test scoring")
     ap.add_argument("--no-posterior", action="store_true")
     ap.add_argument("--cached-only", action="store_true",
@@ -351,8 +393,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     for name in args.suite:
-        suite = Suite(args.cache, name)
+        suite = Suite(args.cache, name, args.val_extra, args.out / name)
         bench = Bench(suite, args.out, args.device)
+        if suite.tag != name:  # anchors and the default damping as picked and scored on the suite's own split
+            own = json.loads((args.out / name / "results.json").read_text())
+            for k, v in own.items():
+                if not k.startswith(("search:", "posterior:")) and k not in bench.res:
+                    bench.res[k] = v
         anchors = bench.anchors()
         tsv = anchors["tsv"]
         bmm_default = bench.merge_scored(f"bmm:tsv:{tsv['params']}", "bmm",
