@@ -395,14 +395,11 @@ def main(argv=None) -> None:
     for name in args.suite:
         suite = Suite(args.cache, name, args.val_extra, args.out / name)
         bench = Bench(suite, args.out, args.device)
-        if suite.tag != name:  # anchors and the default damping as picked and scored on the suite's own split
-            own = json.loads((args.out / name / "results.json").read_text())
-            for k, v in own.items():
-                if not k.startswith(("search:", "posterior:")) and k not in bench.res:
-                    bench.res[k] = v
-        anchors = bench.anchors()
+        # anchors and the default damping as picked and scored on the suite's own split (and cached there)
+        own = bench if suite.tag == name else Bench(Suite(args.cache, name), args.out, args.device)
+        anchors = own.anchors()
         tsv = anchors["tsv"]
-        bmm_default = bench.merge_scored(f"bmm:tsv:{tsv['params']}", "bmm",
+        bmm_default = own.merge_scored(f"bmm:tsv:{tsv['params']}", "bmm",
                                          {"anchor": "tsv", "anchor_parameters": tsv["params"], "statistics": "data_free"})
         runs = {}
         for seed in args.seeds:  # seed-major: a run cut short still has every optimiser at the first seeds
