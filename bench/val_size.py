@@ -9,6 +9,7 @@ training rows past the decoder's 128-row training prefix: 300 per task, party ha
 It prints which point each validation split would choose and how each ranks the line against test.
 
     nice python bench/val_size.py --threads 2            # cached in the decoder's results.json
+    python bench/val_size.py --cached-only               # the points scored so far
 
 The line's points are the same merges a search makes (rho for attn_in/attn_out/mlp_in/mlp_out, the
 rest at the default 0.01), so the staged seed-0 choice (rho 0.0316) must score its cached test figure.
@@ -75,6 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "search_compare")
     ap.add_argument("--extra", type=int, default=300, help="extra validation rows per task")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cached-only", action="store_true", help="report the points already scored on every split")
     args = ap.parse_args(argv)
     import torch
     import transformers
@@ -94,6 +96,9 @@ def main(argv=None) -> None:
                    {"anchor": "tsv", "anchor_parameters": tsv, "statistics": "data_free"}))
     recs = []
     for name, key, params in points:
+        if args.cached_only and not all(sp in bench.res.get(key, {}) for sp in splits):
+            print(f"{name:40s} not scored on every split yet, left out")
+            continue
         rec = scored(bench, key, params, splits)
         recs.append((name, rec))
         print(f"{name:40s} val {100 * mean_acc(rec['val']):5.1f}  valx {100 * mean_acc(rec['valx']):5.1f}  "
@@ -108,9 +113,9 @@ def main(argv=None) -> None:
         print(f"| {name} | {100 * mean_acc(r['val']):.1f} | {100 * mean_acc(r['valx']):.1f} | "
               f"{100 * mean_acc(pooled(r['val'], r['valx'])):.1f} | {100 * mean_acc(r['test']):.1f} "
               f"[{100 * lo:.1f}, {100 * hi:.1f}] |")
-    line = recs[:len(LINE)]
+    line = [(n, r) for n, r in recs if n.startswith("rho ")]
     test = [mean_acc(r["test"]) for _, r in line]
-    print(f"\nover the {len(LINE)}-point line (scale 1.0):")
+    print(f"\nover {len(line)} of the line's {len(LINE)} points (scale 1.0):")
     for label, score in (("val", lambda r: mean_acc(r["val"])), ("valx", lambda r: mean_acc(r["valx"])),
                          ("val+valx", lambda r: mean_acc(pooled(r["val"], r["valx"])))):
         s = [score(r) for _, r in line]
