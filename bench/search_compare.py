@@ -336,11 +336,12 @@ def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: li
         vals = [(seed, mean_acc(runs[(opt, seed)]["test"])) for seed in seeds if (opt, seed) in runs]
         if not vals:
             continue
-        ge_grid = sum(1 for seed, v in vals if ("grid", seed) in runs and v >= mean_acc(runs[("grid", seed)]["test"]))
+        with_grid = [(seed, v) for seed, v in vals if ("grid", seed) in runs]  # seeds without a grid run: not counted
+        ge_grid = sum(1 for seed, v in with_grid if v >= mean_acc(runs[("grid", seed)]["test"]))
         ge_anchor = sum(1 for _, v in vals if v >= best_anchor)
         ts = [v for _, v in vals]
         lines.append(f"| {name_of[opt]} | {100 * np.mean(ts):.1f} | {100 * min(ts):.1f} | {100 * max(ts):.1f} | "
-                     f"{ge_grid}/{len(vals)} | {ge_anchor}/{len(vals)} |")
+                     f"{f'{ge_grid}/{len(with_grid)}' if with_grid else '-'} | {ge_anchor}/{len(vals)} |")
     for post in posts:
         cands = [c["beta"] for c in post.get("beta_candidates", [])]
         lines += ["", f"Posterior ensemble at the {post['at']} search's point (S={post['samples']}, beta={post['beta']:g} "
