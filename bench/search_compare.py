@@ -192,9 +192,14 @@ class Bench:
     def merge_scored(self, key: str, method: str, params: dict, splits=("val", "test")) -> dict:
         import bmmstream
 
-        if key in self.res and all(sp in self.res[key] for sp in splits):
-            return self.res[key]
         d = self.out / "merges" / safe(key)
+        rec = self.res.get(key)
+        if rec is not None and (all(sp in rec for sp in splits) or (d / "model" / "config.json").exists()):
+            for sp in splits:  # a cached merge whose folder is still there only gains the missing splits
+                if sp not in rec:
+                    rec[sp] = self.suite.correct(d / "model", sp, self.device)
+                    self.save()
+            return rec
         t0 = time.perf_counter()
         path = bmmstream.merge(self.cfg(method, params), out=d / "model", run_dir=d / "run", device=self.device,
                                progress=False)
@@ -216,11 +221,7 @@ class Bench:
                 if best is None or mean_acc(rec["val"]) > mean_acc(best[1]["val"]):
                     best = (key, rec)
             key, rec = best
-            if "test" not in rec:
-                d = self.out / "merges" / safe(key)
-                rec["test"] = self.suite.correct(d / "model", "test", self.device)
-                self.save()
-            picked[method] = rec
+            picked[method] = self.merge_scored(key, method, rec["params"], splits=("val", "test"))
         return picked
 
     def search(self, opt: str, seed: int, anchor: dict, budget: int, proxy: int, blocks: int,

@@ -17,7 +17,6 @@ rest at the default 0.01), so the staged seed-0 choice (rho 0.0316) must score i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -56,20 +55,6 @@ def pooled(*splits: dict) -> dict:
     return {t: sum((s[t] for s in splits), []) for t in splits[0]}
 
 
-def scored(bench: Bench, key: str, params: dict, splits: tuple[str, ...]) -> dict:
-    """merge_scored, but a cached merge whose folder is still there only gains the missing splits."""
-    from search_compare import safe
-
-    rec, folder = bench.res.get(key), bench.out / "merges" / safe(key) / "model"
-    if rec is not None and (folder / "config.json").exists():
-        for sp in splits:
-            if sp not in rec:
-                rec[sp] = bench.suite.correct(folder, sp, bench.device)
-                bench.save()
-        return rec
-    return bench.merge_scored(key, "bmm", params, splits)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=ROOT / "tools" / "cache")
@@ -99,11 +84,13 @@ def main(argv=None) -> None:
         if args.cached_only and not all(sp in bench.res.get(key, {}) for sp in splits):
             print(f"{name:40s} not scored on every split yet, left out")
             continue
-        rec = scored(bench, key, params, splits)
+        rec = bench.merge_scored(key, "bmm", params, splits)
         recs.append((name, rec))
         print(f"{name:40s} val {100 * mean_acc(rec['val']):5.1f}  valx {100 * mean_acc(rec['valx']):5.1f}  "
               f"test {100 * mean_acc(rec['test']):5.1f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    if not recs:
+        raise SystemExit("no point is scored on every split yet: run without --cached-only")
     rows_of = {sp: sum(len(c) for c in recs[0][1][sp].values()) for sp in splits}
     print(f"\nextra validation rows per task: {sizes}; rows: val {rows_of['val']}, valx {rows_of['valx']}, "
           f"test {rows_of['test']}")
