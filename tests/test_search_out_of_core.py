@@ -149,9 +149,20 @@ KILLER = textwrap.dedent(
 
 
 def test_killed_out_of_core_search_resumes_from_the_stored_factors(suite4, scorer, monkeypatch):
+    from bmmstream.methods.task_arithmetic import TaskArithmetic
+
     d = scorer
     cfg = _cfg(suite4, budget=4)
+    linear_anchors = {"n": 0}  # the anchor merged for a regressed module: statistics pass or final write
+    orig_merge = TaskArithmetic.merge
+
+    def counted(self, inp):
+        linear_anchors["n"] += inp.spec.kind == "linear"
+        return orig_merge(self, inp)
+
+    monkeypatch.setattr(TaskArithmetic, "merge", counted)
     ref = search_merge(cfg, run_dir=d / "ref", device="cpu", progress=False)
+    ref_anchors, linear_anchors["n"] = linear_anchors["n"], 0
     r = subprocess.run([sys.executable, "-c", KILLER, json.dumps(cfg), str(d / "run"), "3", str(d)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == -9, r.stderr[-2000:]
@@ -162,6 +173,9 @@ def test_killed_out_of_core_search_resumes_from_the_stored_factors(suite4, score
     monkeypatch.setattr(search_run, "module_factors", refused)  # every module's factors are in the store
     res = search_merge(cfg, run_dir=d / "run", device="cpu", progress=False)
     assert res["best_params"] == ref["best_params"] and res["best_score"] == ref["best_score"]
+    # the resumed statistics pass takes every regressed module's anchor from its stored factors: only
+    # the final write merges them (the uninterrupted run merged each twice, pass and write)
+    assert ref_anchors > 0 and linear_anchors["n"] * 2 == ref_anchors
     strip = lambda h: [{k: v for k, v in t.items() if k not in ("seconds", "time", "wall")} for t in h]
     assert strip(_history(d / "run")) == strip(_history(d / "ref"))
     wa, wb = _weights(d / "run" / "model"), _weights(d / "ref" / "model")

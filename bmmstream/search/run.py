@@ -30,6 +30,7 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +142,17 @@ def _resident_params(job, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return _param_map(model, names, {m.name for m in job.plan.modules if m.transposed})
 
 
-def _stream_units(job, params: dict[str, torch.Tensor], store, progress: bool):
+def _stream_units(job, params: dict[str, torch.Tensor], store, progress: bool,
+                  anchored: Callable[[str], bool] = lambda n: False):
     """The statistics pass's walk over the checkpoints, shared by both search paths: unit by unit
     (the next one prefetched), write pass-through tensors and the anchor's non-regressed tensors
     into the resident model, and yield (regressed inputs, anchor task vectors) of the unit; the
-    unit's bytes are released once the caller is done with it."""
+    unit's bytes are released once the caller is done with it.
+
+    `anchored(name)`: the regressed module's anchor is already stored (a resumed search's factors
+    hold U0). A unit whose regressed modules all are merges only its other tensors with the anchor:
+    a TSV-M anchor's SVDs were most of a resumed search's start-up. A unit with any module missing
+    merges all of them, as the first pass did, so the stored U0 are the same bits either way."""
     from bmmstream.pipeline import _unit_inputs
 
     units = job.plan.units
@@ -154,7 +161,11 @@ def _stream_units(job, params: dict[str, torch.Tensor], store, progress: bool):
             for s in job.sources.all:
                 s.prefetch(units[i + 1])
         inputs, passthrough = _unit_inputs(job, unit, store)
-        anchor = job.method.anchor.merge_unit(inputs)
+        linear = [inp.spec.name for inp in inputs if inp.spec.kind == "linear"]
+        if linear and all(anchored(n) for n in linear):
+            anchor = job.method.anchor.merge_unit([inp for inp in inputs if inp.spec.kind != "linear"])
+        else:
+            anchor = job.method.anchor.merge_unit(inputs)
         with torch.no_grad():
             for n, t in passthrough.items():
                 params[n].copy_(t)
@@ -349,7 +360,8 @@ def _write_factors(job, model, store, opts: FactorOptions, keep_base: bool, prog
     params = _resident_params(job, model)
     out_units: list[list[_Module]] = []
     base: dict[str, torch.Tensor] | None = {} if keep_base else None
-    for inputs, anchor in _stream_units(job, params, store, progress):
+    done = lambda n: store.has(factor_key(n))  # noqa: E731
+    for inputs, anchor in _stream_units(job, params, store, progress, anchored=done):
         mods = []
         with torch.no_grad():
             for inp in inputs:
@@ -357,7 +369,7 @@ def _write_factors(job, model, store, opts: FactorOptions, keep_base: bool, prog
                 mods.append(_Module(n, inp.spec.block, inp.spec.group, inp.spec.transposed))
                 if base is not None:
                     base[n] = inp.base.clone()  # never a view of the checkpoint's memory map
-                if store.has(factor_key(n)):
+                if done(n):
                     continue
                 kind, st = _module_stats(job, store, inp)
                 if kind == "ends":
