@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -180,7 +181,7 @@ class Bench:
     def save(self) -> None:  # merged with the file: another bench process may have added entries
         if self.path.exists():
             self.res = {**json.loads(self.path.read_text()), **self.res}
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # two bench processes may save at once
         tmp.write_text(json.dumps(self.res, indent=1))
         tmp.replace(self.path)
 

@@ -32,7 +32,7 @@ from bmmstream.output.rundir import RunDir, append_jsonl, write_json_atomic
 from bmmstream.sources import open_source
 from bmmstream.sources.base import ST_TO_TORCH, TORCH_TO_ST, TensorSource
 from bmmstream.sources.vocab import TOKENIZER_FILES, VocabPlan, plan_vocab
-from bmmstream.statistics.store import StatsStore
+from bmmstream.statistics.store import StatsStore, factor_key
 from bmmstream.config import parse_threads
 from bmmstream.executors.threads import resolve_threads, use_threads
 
@@ -449,10 +449,16 @@ def _merge_stream(
 
 
 def _statistics(job: Job, inp: ModuleInput, store: StatsStore) -> dict[str, torch.Tensor]:
-    """A module's statistics: from the store when a killed run computed them, else computed and stored."""
+    """A module's statistics: from the store when a killed run computed them, else computed and stored.
+    A search's final write also gets the anchor task vector U0 its statistics pass stored with the
+    module's factors: the trials were scored with that U0, and merging the anchor again (a TSV-M
+    anchor's SVDs) cost as much as the pass itself."""
     name = inp.spec.name
     if store.has(name):
-        return store.get(name, job.device)
+        st = store.get(name, job.device)
+        if store.has(factor_key(name)):
+            st.update(store.get(factor_key(name), job.device, names=("U0",)))
+        return st
     st = job.method.module_statistics(inp)
     store.put(name, st, {"tasks": len(job.sources.experts)})
     return st

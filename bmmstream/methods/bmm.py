@@ -231,15 +231,19 @@ class BMM(MergeMethod):
         self, inputs: list[ModuleInput], stats: dict[str, dict[str, torch.Tensor]] | None = None
     ) -> dict[str, torch.Tensor]:
         """Module by module: anchor, statistics (taken from `stats`, which is consumed: each module's
-        G and C are popped and solved in place, or computed here when absent), solve."""
+        G and C are popped and solved in place, or computed here when absent), solve. A module's
+        stats may carry the anchor task vector "U0" (a search's stored one), used instead of merging
+        the anchor again."""
         out: dict[str, torch.Tensor] = {}
         for inp in inputs:
             name = inp.spec.name
-            U0 = self.anchor.merge_unit([inp])[name]
             if inp.spec.kind != "linear":
-                out[name] = U0
+                out[name] = self.anchor.merge_unit([inp])[name]
                 continue
             st = stats.pop(name, None) if stats is not None else None
+            U0 = st.pop("U0", None) if st is not None else None
+            if U0 is None:
+                U0 = self.anchor.merge_unit([inp])[name]
             if st is None:
                 st = self.module_statistics(inp)
             out[name] = self._solve_module(inp, st, U0)

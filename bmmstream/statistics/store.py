@@ -66,12 +66,16 @@ class StatsStore:
                 arr.attrs["torch_dtype"] = "bfloat16"
         g.attrs.update({**(attrs or {}), "complete": True})
 
-    def get(self, key: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def get(self, key: str, device: torch.device | str = "cpu", names: tuple[str, ...] | None = None
+            ) -> dict[str, torch.Tensor]:
+        """The group's arrays (only those in `names` when given; absent names are left out)."""
         if self._root is None:
             raise KeyError(key)
         g = self._root[key]
         out = {}
         for name, arr in g.arrays():
+            if names is not None and name not in names:
+                continue
             t = torch.from_numpy(np.asarray(arr[...]))
             if arr.attrs.get("torch_dtype") == "bfloat16":
                 t = t.view(torch.bfloat16)
