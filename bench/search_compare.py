@@ -172,8 +172,10 @@ def search_key(opt: str, seed: int, budget: int, proxy: int, blocks: int,
 
 
 class Bench:
-    def __init__(self, suite: Suite, out: Path, device: str = "cpu"):
-        self.suite, self.out, self.device = suite, out / suite.tag, device
+    def __init__(self, suite: Suite, out: Path, device: str = "cpu", threads: int | None = None):
+        """`threads`: the merges' and searches' CPU threads (bmmstream's `threads`; None: its default,
+        every core). torch.set_num_threads in this process does not reach them: a run sets its own."""
+        self.suite, self.out, self.device, self.threads = suite, out / suite.tag, device, threads
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "results.json"
         self.res = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -203,7 +205,7 @@ class Bench:
             return rec
         t0 = time.perf_counter()
         path = bmmstream.merge(self.cfg(method, params), out=d / "model", run_dir=d / "run", device=self.device,
-                               progress=False)
+                               progress=False, threads=self.threads)
         rec = {"method": method, "params": params, "merge_s": time.perf_counter() - t0}
         for sp in splits:
             rec[sp] = self.suite.correct(path, sp, self.device)
@@ -245,7 +247,8 @@ class Bench:
         cfg = self.cfg("bmm", params) | {"search": search}
         d = self.out / "searches" / safe(key)
         t0 = time.perf_counter()
-        r = bmmstream.search_merge(cfg, out=d / "model", run_dir=d / "run", device=self.device, progress=False)
+        r = bmmstream.search_merge(cfg, out=d / "model", run_dir=d / "run", device=self.device, progress=False,
+                                   threads=self.threads)
         rec = {"optimizer": opt, "seed": seed, "anchor": anchor["params"], "val": r["best_score"], "best": r["best_params"],
                "evaluations": r["evaluations"], "search_s": time.perf_counter() - t0,
                "test": s.correct(Path(r["output"]), "test", self.device)}
@@ -284,7 +287,7 @@ class Bench:
         d = self.out / "searches" / safe(key)
         t0 = time.perf_counter()
         r = bmmstream.search_merge(self.cfg("bmm", params) | {"search": search}, out=d / "model", run_dir=d / "run",
-                                   device=self.device, progress=False)
+                                   device=self.device, progress=False, threads=self.threads)
         rec = json.loads((d / "run" / "search-report" / "posterior.json").read_text())
         rec["seconds"] = time.perf_counter() - t0
         rec["written_test"] = mean_acc(s.correct(Path(r["output"]), "test", self.device))
@@ -397,9 +400,9 @@ def main(argv=None) -> None:
     t_all = time.perf_counter()
     for name in args.suite:
         suite = Suite(args.cache, name, args.val_extra, args.out / name)
-        bench = Bench(suite, args.out, args.device)
+        bench = Bench(suite, args.out, args.device, args.threads)
         # anchors and the default damping as picked and scored on the suite's own split (and cached there)
-        own = bench if suite.tag == name else Bench(Suite(args.cache, name), args.out, args.device)
+        own = bench if suite.tag == name else Bench(Suite(args.cache, name), args.out, args.device, args.threads)
         anchors = own.anchors()
         tsv = anchors["tsv"]
         bmm_default = own.merge_scored(f"bmm:tsv:{tsv['params']}", "bmm",

@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     suite = ExtraSuite(args.cache, args.out / "decoder" / f"valx{args.extra}")
     sizes = write_extra(suite, args.cache, suite.extra_dir, args.extra)
-    bench = Bench(suite, args.out)
+    bench = Bench(suite, args.out, threads=args.threads)
     tsv = bench.anchors()["tsv"]["params"]
     splits = ("val", "valx", "test")
     points = [(f"rho {r:g}", f"line:tsv{tsv}:rho={r:g}:scale=1.0",
