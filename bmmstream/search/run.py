@@ -4,7 +4,9 @@
    tensors go into the resident model, and every regressed module's spectral factors go to the
    run's Zarr store once, one group per module (`factor_key(name)`: e, Q, the residual-form
    A = C Q - U0 Q diag(e) and U0, solve/spectral.py; with hybrid statistics the two ends of G and C
-   in eps). G and C stay in the store too, so the final write reuses them.
+   in eps). G and C stay in the store too, so the final write reuses them, and U0 with them (the
+   anchor the trials were scored with is not merged again). A resumed pass merges the anchor only
+   for units whose factors are not all stored.
 2. Trials (`StreamedTrials`): unit by unit, read the factors (the next unit's on a worker thread),
    re-solve with one matmul per module (no factorisation per trial; hybrid: one Cholesky), write
    W_pre + s U(lam) into the resident model in place, drop the unit's factors. W_pre is read back
