@@ -473,6 +473,9 @@ def suite_data(suite_dir: Path, master: dict, tasks: list[str], sizes: tuple[int
                 rows = read_jsonl(path)
             else:
                 rows = master[task][split][:n]
+                if len(rows) < n:  # the master split is the cap (party has 539 statements in all)
+                    print(f"[data] {task}/{split}: {n} rows asked, the master split has {len(rows)}: taking "
+                          f"{len(rows)}", file=sys.stderr, flush=True)
                 if convert is not None:
                     rows = convert(task, rows)
                 path.parent.mkdir(parents=True, exist_ok=True)
