@@ -162,12 +162,14 @@ def bootstrap(correct: dict[str, list[int]], other: dict[str, list[int]] | None 
 
 
 def search_key(opt: str, seed: int, budget: int, proxy: int, blocks: int,
-               stage1: tuple[int, int] | None = None) -> str:
-    """The results cache's key of one search; a staged search with a stage-1 shape other than the
-    default names it."""
+               stage1: tuple[int, int] | None = None, line: int | None = None) -> str:
+    """The results cache's key of one search; a staged search with a stage-1 shape or line stage
+    other than the default names them."""
     key = f"search:{opt}:seed{seed}:budget{budget}:proxy{proxy}:blocks{blocks}"
     if opt == "staged" and stage1 is not None:
         key += f":stage1={stage1[0]}x{stage1[1]}"
+    if opt == "staged" and line is not None:
+        key += f":line={line}"
     return key
 
 
@@ -228,10 +230,10 @@ class Bench:
         return picked
 
     def search(self, opt: str, seed: int, anchor: dict, budget: int, proxy: int, blocks: int,
-               stage1: tuple[int, int] | None = None) -> dict:
+               stage1: tuple[int, int] | None = None, line: int | None = None) -> dict:
         import bmmstream
 
-        key = search_key(opt, seed, budget, proxy, blocks, stage1)
+        key = search_key(opt, seed, budget, proxy, blocks, stage1, line)
         if key in self.res:
             return self.res[key]
         s = self.suite
@@ -241,8 +243,9 @@ class Bench:
             search["preset"] = "paper_llm"  # absolute lam log-uniform in [1e-3, 100], s in [1.0, 1.3]
         else:
             search.update(rho_range=[1e-4, 10.0], scale_range=[1.0, 1.3])
-        if opt == "staged" and stage1 is not None:
-            search["design"] = {"stage1": list(stage1)}
+        if opt == "staged" and (stage1 is not None or line is not None):
+            search["design"] = ({"stage1": list(stage1)} if stage1 is not None else {}) | (
+                {"line": line} if line is not None else {})
         params = {"anchor": "tsv", "anchor_parameters": anchor["params"], "statistics": "data_free", "blocks": blocks}
         cfg = self.cfg("bmm", params) | {"search": search}
         d = self.out / "searches" / safe(key)
@@ -306,9 +309,10 @@ def fmt(correct: dict, ref: dict | None = None) -> str:
 
 
 def report(bench: Bench, anchors: dict, bmm_default: dict, runs: dict, seeds: list[int], posts: list[dict],
-           stage1: tuple[int, int] | None = None) -> str:
+           stage1: tuple[int, int] | None = None, line: int | None = None) -> str:
     s = bench.suite
-    name_of = {o: o for o in OPTIMIZERS} | ({"staged": f"staged, stage1 {stage1[0]}x{stage1[1]}"} if stage1 else {})
+    staged = "staged" + (f", stage1 {stage1[0]}x{stage1[1]}" if stage1 else "") + (f", line {line}" if line is not None else "")
+    name_of = {o: o for o in OPTIMIZERS} | {"staged": staged}
     lines = [f"### {s.name} suite: {', '.join(s.tasks)}; test rows per task "
              + ", ".join(str(len(c)) for c in next(iter(anchors.values()))["test"].values())
              + (f"; the searches' validation split adds {s.extra_sizes} unseen rows per task (the anchors' and "
@@ -381,6 +385,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stage1", nargs=2, type=int, metavar=("N_RHO", "N_SCALE"),
                     help="the staged design's stage-1 lattice (default: the design's own by budget)")
+    ap.add_argument("--line", type=int, help="the staged design's line-stage trials (default: the design's own)")
     ap.add_argument("--val-extra", type=int, default=0,
                     help="decoder: add this many unseen rows per task to the validation split the searches use "
                          "(results under <out>/decoder_valx<N>; anchors stay as picked on the suite's own split)")
@@ -411,9 +416,9 @@ def main(argv=None) -> None:
         for seed in args.seeds:  # seed-major: a run cut short still has every optimiser at the first seeds
             for opt in args.optimizers:
                 if args.cached_only and search_key(opt, seed, args.budget, args.proxy, args.blocks,
-                                                   args.stage1) not in bench.res:
+                                                   args.stage1, args.line) not in bench.res:
                     continue
-                r = bench.search(opt, seed, tsv, args.budget, args.proxy, args.blocks, args.stage1)
+                r = bench.search(opt, seed, tsv, args.budget, args.proxy, args.blocks, args.stage1, args.line)
                 runs[(opt, seed)] = r
                 print(f"[{name}] {opt:9s} seed {seed}: val {r['val'] if r['val'] is not None else float('nan'):.4f} "
                       f"test {fmt(r['test'])}  {r['search_s']:.0f} s", flush=True)
@@ -424,7 +429,7 @@ def main(argv=None) -> None:
             p = bench.posterior_at(first, tsv, args.posterior_betas, args.posterior_samples, args.cached_only)
             if p is not None:
                 posts.append(dict(p, at=f"staged seed {args.seeds[0]}"))
-        text = report(bench, anchors, bmm_default, runs, args.seeds, posts, args.stage1)
+        text = report(bench, anchors, bmm_default, runs, args.seeds, posts, args.stage1, args.line)
         (bench.out / "report.md").write_text(text + "\n")
         print(text, flush=True)
     print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, python "

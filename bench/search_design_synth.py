@@ -46,6 +46,10 @@ LANDSCAPES = {
     # the decoder's shape: best at low damping and scale 1, a mild slope (3 points over the range)
     "low_rho": lambda p: (0.70 - 0.0067 * sum(max(0.0, _lr(p, g) + 3.5) for g in GROUPS) / 4
                           - 0.02 * (_s(p) - 1.0) / 0.3),
+    # the dec3 decoder suite's shape (2026-12-07): a peak between the default lattice's dampings
+    # (full validation 77.2 at rho 2.8e-4, 76.3 at 1e-4, 73.8 at 8.1e-4, 70.3 at 0.0316; scale 1.3 far below)
+    "low_peak": lambda p: (0.72 - 0.03 * sum(abs(_lr(p, g) + 3.5) for g in GROUPS) / 4
+                           - 0.06 * (_s(p) - 1.0) / 0.3),
     # best at the top edges (scale 1.3, rho 10^0.5 and up)
     "edge": lambda p: (0.72 - 0.0005 * sum(min(0.0, _lr(p, g) - 0.5) ** 2 for g in GROUPS)
                        - 0.3 * (_s(p) - 1.3) ** 2),
@@ -128,7 +132,7 @@ def main() -> None:
     print(f"validation {args.val} rows, proxy {args.proxy}, sigma {SIGMA}, noise length {args.length}, {args.seeds} seeds; "
           "true accuracy of the choice, mean over seeds [seeds >= grid]")
     for budget in args.budgets:
-        rules = {"staged (default)": ("staged", None)}
+        rules = {"staged (default)": ("staged", None), "no line": ("staged", {"line": 0})}
         for shape in args.shapes:
             nd, ns = SHAPES[shape](budget)
             for z in args.noise_z:

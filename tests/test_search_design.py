@@ -6,7 +6,7 @@ import pytest
 
 from bmmstream.errors import BmmError
 from bmmstream.search import SearchSpace, run_search
-from bmmstream.search.design import DesignOptions, bootstrap_noise, stage1_shape
+from bmmstream.search.design import DesignOptions, bootstrap_noise, line_trials, stage1_shape
 from bmmstream.search.space import params_key
 
 
@@ -77,6 +77,40 @@ def test_the_grid_line_stage1_holds_the_9_point_grid_at_budget_12(tmp_path, fn):
     assert any(b["scale"] != 1.0 for b in refined)  # the scale is polled although stage 1 fixed it
     if fn is edge:  # the scale's step up pays on this objective: a real gain, not noise
         assert staged.best_score > grid.best_score
+
+
+def peak(p):
+    """Every group's best damping is 10^-3.5, between the budget-12 lattice's 1e-4 and 0.0316 (the dec3
+    decoder suite's shape); a group moved alone by a lattice step loses, and scale 1.3 loses."""
+    b = p["blocks"][0]
+    return -sum((math.log10(v) + 3.5) ** 2 for v in b["rho"].values()) / 4 - 5 * (b["scale"] - 1.0)
+
+
+def test_the_line_stage_bisects_the_shared_damping_towards_the_best(tmp_path):
+    sp = SearchSpace(1, rho_range=(1e-4, 10.0), scale_range=(1.0, 1.3))
+    r = run_search(sp, peak, budget=12, run_dir=tmp_path / "a", write_report=False)
+    assert [t.params for t in r.trials[:6]] == sp.lattice(3, 2)
+    # midpoints on the log axis at scale 1.0: toward 0.0316 (1e-4's only neighbour), then between the
+    # line's best and its better neighbour
+    line = [t.params for t in r.trials[6:9]]
+    assert line == [sp.shared_point(10 ** (-4 + 5 * u), 1.0) for u in (0.25, 0.125, 0.0625)]
+    assert r.best_params == line[1] and r.best_score == pytest.approx(-(0.125 ** 2), rel=1e-4)  # dampings rounded to 6 digits
+    lattice_best = max(t.score for t in r.trials[:6])
+    off = run_search(sp, peak, budget=12, run_dir=tmp_path / "b", design={"line": 0}, write_report=False)
+    assert [t.params for t in off.trials[:6]] == sp.lattice(3, 2)
+    assert off.best_score < r.best_score and lattice_best == pytest.approx(-0.25)
+    # the line's points are shared, as the grid's: no guard (a 400-row plateau scores them the same)
+    flat = run_search(sp, Rows(0), budget=12, run_dir=tmp_path / "c", write_report=False)
+    assert flat.best_trial == 0
+
+
+def test_line_trials_default_and_bounds():
+    sp = SearchSpace(1, rho_range=(1e-4, 10.0), scale_range=(1.0, 1.3))
+    assert [line_trials(sp, b, DesignOptions()) for b in (3, 12, 20, 40)] == [0, 3, 3, 3]
+    assert line_trials(sp, 12, DesignOptions(line=5)) == 5 and line_trials(sp, 8, DesignOptions(line=5)) == 4  # 2 x 2 lattice, 4 left
+    assert line_trials(SearchSpace(1, rho_range=(0.01, 0.01)), 12, DesignOptions()) == 0
+    with pytest.raises(BmmError, match=r"^search.design.line must be an integer >= 0, got -1$"):
+        DesignOptions.from_config({"line": -1})
 
 
 class Rows:

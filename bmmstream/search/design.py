@@ -4,7 +4,12 @@ Stage 1 scores the shared grid: one damping for every group and block x one scal
 lattice that covers the whole ranges, edges included (log-spaced dampings; with the default sizes
 it contains the 9-point `grid` baseline from budget 36; below that `stage1: [9, 1]`, the grid's
 damping line, holds it from budget 9, at a cost where the best scale is not the grid's: see
-bench/search_design_synth.py). Stage 2 refines per block and per group from the best few
+bench/search_design_synth.py). A short line stage then bisects the shared damping at the best
+lattice point's scale (`line`, default up to 3 trials): the midpoint between the best point on that
+line and its better neighbour, again from the new best; these are shared points like the grid's, so
+they may be the choice without a guard, and a coarse lattice still reaches an optimum between its
+dampings (on the decoder suite the lattice's 1e-4 and 0.0316 bracket the grid's winner, 2.8e-4).
+Stage 2 refines per block and per group from the best few
 stage-1 points by coordinate steps (a pattern search in unit coordinates, damping on a log scale;
 a step that pays is doubled, a poll that fails halves them all; with B > 1 a group's value moves in
 every block at once before blocks move alone): a chain steps to a neighbour that beats its current
@@ -37,6 +42,8 @@ class DesignOptions:
 
     stage1: [n_damping, n_scale] of the stage-1 lattice; default from the budget (about half of it,
         at most 9 dampings, 2 scales (the edges) below 27 stage-1 trials, 3 from there).
+    line: trials of the line stage (shared-damping bisection after stage 1); default
+        min(3, half the trials left after stage 1); 0 goes from stage 1 straight to the refinement.
     refine_from: how many of the best stage-1 points share the refinement budget (each chain
         gets an equal share; when every chain has converged the next stage-1 points start more).
         1 (the default) measured best on synthetic objectives (edge, interior, per-group optima).
@@ -52,6 +59,7 @@ class DesignOptions:
     """
 
     stage1: tuple[int, int] | None = None
+    line: int | None = None
     refine_from: int = 1
     noise_z: float = 2.0
     move_z: float = 0.0
@@ -63,7 +71,7 @@ class DesignOptions:
     @classmethod
     def from_config(cls, cfg: dict | None) -> "DesignOptions":
         cfg = dict(cfg or {})
-        known = {"stage1", "refine_from", "noise_z", "move_z", "margin", "bootstrap", "min_step", "first_step"}
+        known = {"stage1", "line", "refine_from", "noise_z", "move_z", "margin", "bootstrap", "min_step", "first_step"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise BmmError(f"search.design: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -74,7 +82,7 @@ class DesignOptions:
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in s1)):
                 raise BmmError(f"search.design.stage1 must be [n_damping, n_scale], integers >= 1, got {s1!r}")
             kw["stage1"] = (int(s1[0]), int(s1[1]))
-        for name, lo in (("refine_from", 1), ("bootstrap", 1)):
+        for name, lo in (("line", 0), ("refine_from", 1), ("bootstrap", 1)):
             if name in cfg:
                 v = cfg[name]
                 if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -89,7 +97,7 @@ class DesignOptions:
         return cls(**kw)
 
     def signature(self) -> dict:
-        return {"stage1": list(self.stage1) if self.stage1 else None, "refine_from": self.refine_from,
+        return {"stage1": list(self.stage1) if self.stage1 else None, "line": self.line, "refine_from": self.refine_from,
                 "noise_z": self.noise_z, "move_z": self.move_z, "margin": self.margin, "bootstrap": self.bootstrap,
                 "min_step": self.min_step, "first_step": self.first_step}
 
@@ -112,6 +120,16 @@ def stage1_shape(space: SearchSpace, budget: int, opts: DesignOptions) -> tuple[
         else:
             nd -= 1
     return nd, ns
+
+
+def line_trials(space: SearchSpace, budget: int, opts: DesignOptions) -> int:
+    """Trials of the line stage: `opts.line`, else min(3, half of what stage 1 leaves); none when the
+    damping is fixed or the lattice has one damping (nothing to bisect)."""
+    nd, ns = stage1_shape(space, budget, opts)
+    if nd < 2 or space.rho_range[0] == space.rho_range[1]:
+        return 0
+    left = budget - nd * ns
+    return max(0, min(left, opts.line if opts.line is not None else min(3, left // 2)))
 
 
 def bootstrap_noise(rows_a: Sequence[float] | None, rows_b: Sequence[float] | None, *, z: float,
@@ -150,6 +168,9 @@ class StagedAsker:
         self.opts = opts or DesignOptions()
         nd, ns = stage1_shape(space, budget, self.opts)
         self.stage1 = space.lattice(nd, ns)
+        self.line_left = line_trials(space, budget, self.opts)
+        self.line_keys: list[str] = []  # the line stage's points (lattice points on it first), asked order
+        self.line_scale = 1.0
         # moves of one value in every block first (B > 1), then per block and group
         self.coords = space.tied_coordinates() + space.coordinates()
         # initial step: `first_step` lattice spacings (unit coordinates), a quarter where unsampled
@@ -176,6 +197,8 @@ class StagedAsker:
     # -- the driver's interface --------------------------------------------------------------
     def ask_batch(self, n: int) -> list[tuple[Any, dict]]:
         if self.stage == 1 and not self.queue:
+            self._start_line()
+        if self.stage == "line" and not self._line_next():
             self._start_stage2()
         if self.stage == 2:
             self._decide()
@@ -235,9 +258,56 @@ class StagedAsker:
                                seed=self.seed * 1_000_003 + self.comparisons)
         return gain > need
 
+    def _best_first(self, keys: list[str]) -> list[_Scored]:
+        """The told points among keys, best score first (ties: the earlier key first)."""
+        scored = [self.known[k] for k in keys if k in self.known]
+        return [scored[i] for i in sorted(range(len(scored)), key=lambda i: (-_finite(scored[i].score), i))]
+
+    def _damping_u(self, params: dict) -> float:
+        return self.space.unit_value(params, ("damping", 0, self.space.groups_of(0)[0]))
+
+    def _start_line(self) -> None:
+        self.stage = "line"
+        ranked = self._best_first([params_key(p) for p in self.stage1])
+        if self.line_left <= 0 or not ranked or not math.isfinite(ranked[0].score):
+            self.line_left = 0
+            return
+        self.line_scale = ranked[0].params["blocks"][0]["scale"]
+        self.line_keys = [params_key(p) for p in self.stage1 if p["blocks"][0]["scale"] == self.line_scale]
+
+    def _line_next(self) -> bool:
+        """Queue the next line point (the midpoint, on the log-damping axis, between the line's best
+        point and its better neighbour, the wider gap on a tie); False when the line stage is over."""
+        lo, hi = self.space.rho_range
+        while self.line_left > 0:
+            best = self._best_first(self.line_keys)[0]
+            pts = sorted((self._damping_u(self.known[k].params), _finite(self.known[k].score))
+                         for k in self.line_keys if k in self.known)
+            ub = self._damping_u(best.params)
+            i = next(j for j, (u, _) in enumerate(pts) if u == ub)
+            sides = [(pts[j][1], abs(pts[j][0] - ub), -j, (pts[j][0] + ub) / 2)
+                     for j in (i - 1, i + 1) if 0 <= j < len(pts) and abs(pts[j][0] - ub) / 2 >= self.opts.min_step]
+            if not sides:
+                break
+            u = max(sides)[3]
+            p = self.space.shared_point(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))), self.line_scale)
+            k = params_key(p)
+            if k in self.line_keys:
+                break  # the midpoint rounds onto a point the line has: nothing new to learn
+            self.line_keys.append(k)
+            self.eligible_keys.add(k)  # a shared point, as the grid's: no guard
+            if k in self.known:
+                continue
+            self.queue.append(p)
+            self.line_left -= 1
+            return True
+        self.line_left = 0
+        return False
+
     def _start_stage2(self) -> None:
         self.stage = 2
-        scored = [self.known[params_key(p)] for p in self.stage1 if params_key(p) in self.known]
+        lattice = [params_key(p) for p in self.stage1]
+        scored = [self.known[k] for k in lattice + [k for k in self.line_keys if k not in lattice] if k in self.known]
         order = sorted(range(len(scored)), key=lambda i: (-_finite(scored[i].score), i))
         self.starts = [scored[i] for i in order if math.isfinite(scored[i].score)]
         self.incumbent = self.starts[0] if self.starts else None

@@ -41,7 +41,7 @@ import numpy as np
 
 from bmmstream.errors import BmmError
 from bmmstream.output.writer import write_json_atomic
-from bmmstream.search.design import DesignOptions, StagedAsker, stage1_shape
+from bmmstream.search.design import DesignOptions, StagedAsker, line_trials, stage1_shape
 from bmmstream.search.history import History, ScoreCache, Trial, cache_key
 from bmmstream.search.space import SearchSpace
 
@@ -407,7 +407,8 @@ def run_search(
     }
     if optimizer == "staged":  # only here, so the ids of other optimisers' searches stay as they were
         # the resolved stage-1 shape too: a changed default must not replay an old history
-        meta["design"] = opts.signature() | {"stage1_shape": list(stage1_shape(space, budget, opts))}
+        meta["design"] = opts.signature() | {"stage1_shape": list(stage1_shape(space, budget, opts)),
+                                             "line_trials": line_trials(space, budget, opts)}
     if submit is not None and num_workers > 1:  # told as results arrive: another search than batches
         meta["dispatch"] = "async"
     root = Path(run_dir) / "search"
