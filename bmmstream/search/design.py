@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bmmstream.errors import BmmError
-from bmmstream.search.space import SearchSpace, params_key
+from bmmstream.search.space import SearchSpace, _from_unit, params_key
 
 GRID_DAMPINGS = 9  # the shared-grid baseline's size: the default lattice holds it exactly
 
@@ -278,7 +278,6 @@ class StagedAsker:
     def _line_next(self) -> bool:
         """Queue the next line point (the midpoint, on the log-damping axis, between the line's best
         point and its better neighbour, the wider gap on a tie); False when the line stage is over."""
-        lo, hi = self.space.rho_range
         while self.line_left > 0:
             best = self._best_first(self.line_keys)[0]
             pts = sorted((self._damping_u(self.known[k].params), _finite(self.known[k].score))
@@ -290,7 +289,7 @@ class StagedAsker:
             if not sides:
                 break
             u = max(sides)[3]
-            p = self.space.shared_point(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))), self.line_scale)
+            p = self.space.shared_point(_from_unit(u, self.space.rho_range, log=True), self.line_scale)
             k = params_key(p)
             if k in self.line_keys:
                 break  # the midpoint rounds onto a point the line has: nothing new to learn
