@@ -285,3 +285,21 @@ def test_bmm_merge_bytes_equal_general_path(tmp_path, monkeypatch, family):
                                       device="cpu", progress=False)
         monkeypatch.setattr(cls, "merge_raw", real)
         assert _digest(fused) == _digest(general_out), (family, name)
+
+
+def test_outputs_on_huge_page_mappings_keep_the_bytes(monkeypatch):
+    """Every fused output through bmmstream.hugepages' mapping (MIN_BYTES 0): the same bits."""
+    from bmmstream import hugepages
+
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 0)
+    monkeypatch.setattr(hugepages, "available", lambda: True)
+    gen = torch.Generator().manual_seed(7)
+    for (name, params, weighted), (T, shape, transposed) in zip(
+        CASES[:4], [(4, (129, 64), True), (2, (8195,), False), (7, (3000,), False), (17, (40, 9), False)]
+    ):
+        weights = [float(x) for x in torch.rand(T, generator=gen)] if weighted else None
+        m = method(name, params, weights)
+        base, experts = random_inputs(gen, shape, T, BF, "wide")
+        raw = make_raw(base, experts, transposed)
+        got = m.merge_raw(raw, BF)
+        assert got is not None and torch.equal(bits(got), bits(general(m, raw, BF))), (name, T, shape)
