@@ -46,10 +46,12 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     anchor = ctypes.c_char.from_buffer(m)
     offset = -ctypes.addressof(anchor) % HUGE_PAGE
     del anchor  # a live export would keep the mapping from being closed
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
-    except OSError:
-        pass  # refused (e.g. a kernel without THP for anonymous memory): ordinary pages
+    whole = nbytes - nbytes % HUGE_PAGE  # the tail stays in 4 KiB pages: no partly used huge page
+    if whole:
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE, offset, whole)
+        except OSError:
+            pass  # refused (e.g. a kernel without THP for anonymous memory): ordinary pages
     # frombuffer holds a reference to `m`: the mapping lives exactly as long as the tensor's storage
     flat = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset)
     return flat.view(dtype).view(shape)

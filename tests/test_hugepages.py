@@ -20,6 +20,20 @@ def _mapped(addr: int) -> bool:
     return False
 
 
+def _vma_rss_kib(addr: int) -> int:
+    """Resident KiB of the mapping covering `addr` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError("no mapping")
+
+
 @pytest.mark.skipif(not hugepages.available(), reason="no transparent huge pages for madvised memory here")
 def test_large_buffer_aligned_lives_with_its_tensor_and_is_unmapped_after():
     t = hugepages.empty((1024, 4100), torch.bfloat16)  # 8.0 MiB: above MIN_BYTES
@@ -27,6 +41,8 @@ def test_large_buffer_aligned_lives_with_its_tensor_and_is_unmapped_after():
     addr = t.data_ptr()
     assert addr % hugepages.HUGE_PAGE == 0
     t.copy_(torch.arange(1024 * 4100, dtype=torch.float32).reshape(1024, 4100).remainder(251))
+    # resident: the bytes asked for (rounded to 4 KiB), not a whole huge page for the 8 KiB tail
+    assert _vma_rss_kib(addr) <= -(-1024 * 4100 * 2 // 4096) * 4
     gc.collect()  # only `t` refers to the mapping now: it must still hold the values
     want = torch.arange(1024 * 4100, dtype=torch.float32).reshape(1024, 4100).remainder(251)
     assert torch.equal(t.float(), want)
