@@ -479,13 +479,16 @@ def report(res: dict, peak: dict) -> list[str]:
     best = lambda *ns: min((w(n) for n in ns if n in R), default=None)  # noqa: E731
     lines = [f"\n## {res['size']}: {res['params_per_model'] / 1e9:.3f}B parameters per model, "
              f"{res['input_bytes'] / 1e9:.2f} GB input; medians of {res['reps']} reps (reads: one per group and rep)",
-             f"{'job':58s} {'wall s':>9s} {'private MiB':>12s} {'maxRSS MiB':>11s} {'cpu s':>8s}"]
+             f"{'job':58s} {'wall s':>9s} {'private MiB':>12s} {'maxRSS MiB':>11s} {'cpu s':>8s} {'merge s':>8s}"]
     if res.get("read_cold"):
         lines.append(f"{'read all inputs, cold (posix_fadvise; guest cache only)':58s} "
                      f"{res['read_cold']['wall_s']:9.2f}")
     for n, r in R.items():
+        merge = f"{r['execute_s']:8.2f}" if r.get("execute_s") is not None else f"{'-':>8s}"
         lines.append(f"{r['label']:58s} {r['wall_s']:9.2f} {r['peak_anon_mib']:12.1f} {r['maxrss_mib']:11.1f} "
-                     f"{r['cpu_s']:8.1f}")
+                     f"{r['cpu_s']:8.1f} {merge}")
+    lines.append("(wall: the whole process, start-up included; merge s: bmm's own execute wall from its manifest, or for\n"
+                 " the in-process row the second api.merge call, the first having paid imports and kernel loading)")
     lines.append("\nratios (acceptance):")
 
     def line(text: str, val: float | None, limit: float | None) -> None:
