@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from bmmstream import __version__, hugepages
+from bmmstream import __version__
+from bmmstream.methods import hugepages
 from bmmstream.statistics.data_assisted import calibrate, module_grams
 from bmmstream.config import DTYPES, MergeConfig, load_config
 from bmmstream.errors import BmmError

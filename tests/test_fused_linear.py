@@ -288,8 +288,8 @@ def test_bmm_merge_bytes_equal_general_path(tmp_path, monkeypatch, family):
 
 
 def test_outputs_on_huge_page_mappings_keep_the_bytes(monkeypatch):
-    """Every fused output through bmmstream.hugepages' mapping (MIN_BYTES 0): the same bits."""
-    from bmmstream import hugepages
+    """Every fused output through bmmstream.methods.hugepages' mapping (MIN_BYTES 0): the same bits."""
+    from bmmstream.methods import hugepages
 
     monkeypatch.setattr(hugepages, "MIN_BYTES", 0)
     monkeypatch.setattr(hugepages, "available", lambda: True)

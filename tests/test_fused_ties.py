@@ -488,8 +488,8 @@ print(json.dumps([(hwm() - before) / copy, m.working_copies(T), m.extra_bytes(sh
 
 
 def test_outputs_on_huge_page_mappings_keep_the_bytes(monkeypatch):
-    """Every fused TIES output through bmmstream.hugepages' mapping (MIN_BYTES 0): the same bits."""
-    from bmmstream import hugepages
+    """Every fused TIES output through bmmstream.methods.hugepages' mapping (MIN_BYTES 0): the same bits."""
+    from bmmstream.methods import hugepages
 
     monkeypatch.setattr(hugepages, "MIN_BYTES", 0)
     monkeypatch.setattr(hugepages, "available", lambda: True)

@@ -1,4 +1,4 @@
-"""bmmstream.hugepages: large output buffers on huge-page-advised mappings, freed with their tensor,
+"""bmmstream.methods.hugepages: large output buffers on huge-page-advised mappings, freed with their tensor,
 and the fused kernels' bytes unchanged when their outputs live there."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from bmmstream import hugepages
+from bmmstream.methods import hugepages
 
 
 def _mapped(addr: int) -> bool:

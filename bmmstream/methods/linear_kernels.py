@@ -43,7 +43,7 @@ import torch
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from bmmstream import hugepages
+from bmmstream.methods import hugepages
 from bmmstream.errors import BmmError
 
 BLOCK = 8192  # elements per parallel work item: the block's buffers stay in L1/L2

@@ -45,7 +45,7 @@ import numba
 import numpy as np
 import torch
 
-from bmmstream import hugepages
+from bmmstream.methods import hugepages
 from bmmstream.methods import magnitude_histogram as kernels
 from bmmstream.methods import ties_kernels as fused
 from bmmstream.errors import BmmError
