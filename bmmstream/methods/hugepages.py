@@ -3,8 +3,9 @@
 Why: a merge allocates every output tensor fresh, and the allocator maps it anew (the `bmm` command
 fixes glibc's mmap threshold at 1 MiB so freed tensors go back to the system), so each 4 KiB page is
 faulted in and zeroed on its first write. Under the fused task-arithmetic kernel that cost more than
-the arithmetic itself: 50M bf16 outputs, 1 thread, 0.037 s of page faults against 0.025 s of kernel
-(bench/bench_fused_linear.py). With madvise(MADV_HUGEPAGE) the kernel faults 2 MiB at a time (0.009 s).
+the arithmetic itself: 50M bf16 outputs, 1 thread, 0.037 s of page faults against 0.025 s of kernel.
+With madvise(MADV_HUGEPAGE) the kernel faults 2 MiB at a time (0.009 s); bench/bench_fused_linear.py's fused
+merge went from 2.8x to 1.3x a warm read of its inputs (bench/RESULTS.md, 2026-12-08).
 Where transparent huge pages are off ("never") or the platform has no madvise, or the buffer is small,
 `empty` is plain `torch.empty`. The bytes are uninitialised either way, as torch.empty's.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 HUGE_PAGE = 2 << 20
-MIN_BYTES = 8 << 20  # below this the faults are cheap and a 2 MiB-rounded mapping wastes memory
+MIN_BYTES = 8 << 20  # below this the faults cost little and a mapping per tensor costs two syscalls
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
