@@ -1,7 +1,9 @@
 """Fused task-arithmetic kernel vs the general float32 path vs a warm read of the same bytes.
 
     python bench/bench_fused_linear.py [--experts 4] [--numel 50000000] [--threads 1 2] [--repeat 3]
-    (prints a line per thread count: warm read, fused kernel, general path, and whether the bytes agree)
+                                       [--hugepages on|off|both] [--skip-general]
+    (prints a line per thread count: warm read, fused kernel, general path, and whether the bytes agree;
+    with --hugepages both, the fused merge with its output on 4 KiB pages and on huge pages, alternated)
 
 Inputs are bf16 safetensors files (base + experts) in a temporary folder, memory-mapped like the
 pipeline's sources; times are medians. "warm read" touches every input byte of the mapped files
@@ -23,7 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout without `pip install -e .`
+from bmmstream.methods import hugepages
 from bmmstream.methods.registry import ModuleInput, RawModule, get_method
+
+HP_MIN = hugepages.MIN_BYTES
 from bmmstream.plan.layout import ModuleSpec
 
 
@@ -65,6 +70,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-general", action="store_true")
+    ap.add_argument("--hugepages", choices=["on", "off", "both"], default="on",
+                    help="outputs on huge-page-advised mappings (bmmstream.methods.hugepages), on 4 KiB pages "
+                         "(off), or both side by side (alternated, --repeat each)")
     a = ap.parse_args()
     name = "model.layers.0.mlp.down_proj.weight"
     spec = ModuleSpec(name=name, shape=(a.numel,), kind="linear", group="mlp", layer=0, block=0, unit=1)
@@ -92,9 +100,18 @@ def main() -> None:
             torch.set_num_threads(th)
             numba.set_num_threads(th)
             t_read = timed(lambda: warm_read(paths, buf), a.repeat)
-            t_fused = timed(lambda: m.merge_raw(raw, torch.bfloat16), a.repeat)
-            line = (f"threads {th}: warm read {t_read:.3f} s ({gb / t_read:.1f} GB/s), "
-                    f"fused {t_fused:.3f} s ({t_fused / t_read:.2f}x read)")
+            modes = ["off", "on"] if a.hugepages == "both" else [a.hugepages]
+            t_fused = {mode: [] for mode in modes}
+            for _ in range(a.repeat):  # alternated, so that both see the same machine
+                for mode in modes:
+                    hugepages.MIN_BYTES = HP_MIN if mode == "on" else 1 << 62
+                    t_fused[mode].append(timed(lambda: m.merge_raw(raw, torch.bfloat16), 1))
+            hugepages.MIN_BYTES = HP_MIN
+            line = f"threads {th}: warm read {t_read:.3f} s ({gb / t_read:.1f} GB/s)"
+            for mode in modes:
+                t = statistics.median(t_fused[mode])
+                line += f", fused (huge pages {mode}) {t:.3f} s ({t / t_read:.2f}x read)"
+            t_fused = statistics.median(t_fused[modes[-1]])
             if not a.skip_general:
                 t_gen = timed(lambda: general(m, raw, torch.bfloat16), a.repeat)
                 same = torch.equal(m.merge_raw(raw, torch.bfloat16).view(torch.int16),

@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from bmmstream import __version__
-from bmmstream.methods import hugepages
 from bmmstream.statistics.data_assisted import calibrate, module_grams
 from bmmstream.config import DTYPES, MergeConfig, load_config
 from bmmstream.errors import BmmError
@@ -275,9 +274,7 @@ def _module_input(job: Job, n: str, raw: torch.Tensor, store: StatsStore | None 
         base = raw.to(job.device, dtype)
     if not bool(torch.isfinite(base).all()):  # NaN/Inf would reach every method's output
         raise BmmError(f"{job.sources.base.id}: tensor '{n}' contains NaN or Inf values")
-    shape = (len(job.sources.experts), *base.shape)
-    deltas = (hugepages.empty(shape, dtype) if job.device.type == "cpu"  # faults: see hugepages.py
-              else torch.empty(shape, dtype=dtype, device=job.device))
+    deltas = torch.empty((len(job.sources.experts), *base.shape), dtype=dtype, device=job.device)
     for t, e in enumerate(job.sources.experts):  # filled in place: no T-fold temporary copy
         et = e.get(n)
         et = et.T if flip else et

@@ -486,17 +486,3 @@ print(json.dumps([(hwm() - before) / copy, m.working_copies(T), m.extra_bytes(sh
     assert scratch == ties.ELECTION_SCRATCH_PER_ENTRY * 8 * ties.ELEMENT_CHUNK / (4 * 1024 * 2048)
     assert measured <= declared + scratch, (measured, declared, scratch)
 
-
-def test_outputs_on_huge_page_mappings_keep_the_bytes(monkeypatch):
-    """Every fused TIES output through bmmstream.methods.hugepages' mapping (MIN_BYTES 0): the same bits."""
-    from bmmstream.methods import hugepages
-
-    monkeypatch.setattr(hugepages, "MIN_BYTES", 0)
-    monkeypatch.setattr(hugepages, "available", lambda: True)
-    params, models = CASES[0]
-    suite = _suite(5, 3, torch.bfloat16, SHAPES)
-    gen, raw_m, raws = _both_prepassed(params, models, suite, transposed_first=True)
-    for raw in raws:
-        for out_dtype in (torch.bfloat16, torch.float32):
-            got = raw_m.merge_raw(raw, out_dtype)
-            assert got is not None and _same_bits(got, _general_weight(gen, raw, out_dtype)), (raw.spec.name, out_dtype)

@@ -45,7 +45,6 @@ import numba
 import numpy as np
 import torch
 
-from bmmstream.methods import hugepages
 from bmmstream.methods import magnitude_histogram as kernels
 from bmmstream.methods import ties_kernels as fused
 from bmmstream.errors import BmmError
@@ -394,7 +393,7 @@ class Ties(MergeMethod):
         if check_order and weights is not None and not fused.sums_exact_in_any_order(w32):
             return None  # the sum of the agreeing weights could depend on torch's order
         out_code = {torch.bfloat16: fused.OUT_BF16, torch.float32: fused.OUT_F32}.get(out_dtype)
-        out = hugepages.empty(raw.base.shape, out_dtype if out_code is not None else torch.float32)
+        out = torch.empty(raw.base.shape, dtype=out_dtype if out_code is not None else torch.float32)
         stats = np.zeros(((n + fused.CHUNK - 1) // fused.CHUNK, 4), dtype=np.int64)
         common = (base_addr, base_code, addrs, codes, n, tau32, w32, weights is not None, self.normalize,
                   np.float32(self.scale), False, check_order)
