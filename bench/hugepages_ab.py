@@ -7,6 +7,7 @@ sha256 must be equal. The suite is bench/perf_vs_mergekit.py's (built there when
 
     python bench/hugepages_ab.py --size 1.26B --threads 1 2 --reps 3
     python bench/hugepages_ab.py --size 0.35B --method ties --threads 1
+    python bench/hugepages_ab.py --size 1.26B --threads 2 --reps 1 --profile   # where the rest of the time goes
 """
 from __future__ import annotations
 
@@ -28,14 +29,22 @@ return_freed_memory()  # as the `bmm` command does
 from bmmstream import api
 from bmmstream.methods import hugepages
 cfg, work, mode, threads = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+profile = len(sys.argv) > 5 and sys.argv[5] == "profile"
 if mode == "off":
     hugepages.MIN_BYTES = 1 << 62
 t = []
 for k in (1, 2):
     shutil.rmtree(work, ignore_errors=True)
+    if profile and k == 2:
+        import cProfile, pstats
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     out = api.merge(cfg, run_dir=work, device="cpu", progress=False, threads=threads)
     t.append(time.perf_counter() - t0)
+if profile:
+    prof.disable()
+    pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(8)
 h = hashlib.sha256()
 for f in sorted(out.glob("*.safetensors")):
     with open(f, "rb") as fh:
@@ -66,6 +75,8 @@ def main() -> None:
     ap.add_argument("--method", default="task_arithmetic", choices=sorted(PARAMS))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one huge-page run's second call (cProfile, by own time) and print it")
     a = ap.parse_args()
     from perf_vs_mergekit import build_suite
 
@@ -91,6 +102,10 @@ def main() -> None:
                 got = json.loads(r.stdout.strip().splitlines()[-1])
                 times[mode].append(got["second_s"])
                 shas.add(got["sha256"])
+        if a.profile:
+            r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(work), "on", str(th), "profile"],
+                               capture_output=True, text=True, cwd=ROOT)
+            print(f"threads {th}, huge pages on, second call by own time:\n{r.stderr[-3000:]}")
         off, on = statistics.median(times["off"]), statistics.median(times["on"])
         print(f"threads {th}: 4 KiB pages {off:.2f} s ({' '.join(f'{x:.2f}' for x in times['off'])}), "
               f"huge pages {on:.2f} s ({' '.join(f'{x:.2f}' for x in times['on'])}), on/off {on / off:.2f}x, "

@@ -2,10 +2,10 @@
 
 Why: a merge allocates every output tensor fresh, and the allocator maps it anew (the `bmm` command
 fixes glibc's mmap threshold at 1 MiB so freed tensors go back to the system), so each 4 KiB page is
-faulted in and zeroed on its first write. Under the fused task-arithmetic kernel that cost more than
-the arithmetic itself: 50M bf16 outputs, 1 thread, 0.037 s of page faults against 0.025 s of kernel.
-With madvise(MADV_HUGEPAGE) the kernel faults 2 MiB at a time (0.009 s); bench/bench_fused_linear.py's fused
-merge went from 2.8x to 1.3x a warm read of its inputs (bench/RESULTS.md, 2026-12-08).
+faulted in and zeroed on its first write, which cost the fused task-arithmetic kernel more than its
+arithmetic. With madvise(MADV_HUGEPAGE) the kernel faults 2 MiB at a time: the fused merge of
+`bench/bench_fused_linear.py --hugepages both` went from 2.8x to 1.3x a warm read of its inputs (1 thread),
+whole merges (`bench/hugepages_ab.py`) to 0.76-0.90x their time (bench/RESULTS.md, 2026-12-08).
 Where transparent huge pages are off ("never") or the platform has no madvise, or the buffer is small,
 `empty` is plain `torch.empty`. The bytes are uninitialised either way, as torch.empty's.
 """

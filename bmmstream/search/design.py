@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bmmstream.errors import BmmError
-from bmmstream.search.space import SearchSpace, _from_unit, params_key
+from bmmstream.search.space import SearchSpace, from_unit, params_key
 
 GRID_DAMPINGS = 9  # the shared-grid baseline's size: the default lattice holds it exactly
 
@@ -289,7 +289,7 @@ class StagedAsker:
             if not sides:
                 break
             u = max(sides)[3]
-            p = self.space.shared_point(_from_unit(u, self.space.rho_range, log=True), self.line_scale)
+            p = self.space.shared_point(from_unit(u, self.space.rho_range, log=True), self.line_scale)
             k = params_key(p)
             if k in self.line_keys:
                 break  # the midpoint rounds onto a point the line has: nothing new to learn

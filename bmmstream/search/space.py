@@ -321,11 +321,11 @@ class SearchSpace:
         out = json.loads(json.dumps(params))
         u = min(max(float(u), 0.0), 1.0)
         if kind == "scale":
-            out["blocks"][b]["scale"] = _from_unit(u, self.scale_range, log=False)
+            out["blocks"][b]["scale"] = from_unit(u, self.scale_range, log=False)
         elif kind == "damping":
-            out["blocks"][b][self.damping_key][g] = _from_unit(u, self.rho_range, log=True)
+            out["blocks"][b][self.damping_key][g] = from_unit(u, self.rho_range, log=True)
         else:
-            out["eps"] = _from_unit(u, self.eps_range, log=False)
+            out["eps"] = from_unit(u, self.eps_range, log=False)
         return canonical(out)
 
     def random_point(self, rng: np.random.Generator) -> dict:
@@ -384,7 +384,7 @@ def _to_unit(x: float, rng: tuple[float, float], *, log: bool) -> float:
     return (x - lo) / (hi - lo)
 
 
-def _from_unit(u: float, rng: tuple[float, float], *, log: bool) -> float:
+def from_unit(u: float, rng: tuple[float, float], *, log: bool) -> float:
     lo, hi = rng
     if u <= 0.0:
         return lo  # the edges exactly, not exp(log(lo)) with its rounding
